@@ -1,0 +1,124 @@
+"""What both clients share: building requests, checking the handshake, client-side errors."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeAlias
+
+import msgspec
+
+from .errors import BadRequest, ProtocolError, RouterdError, Unavailable, error_from_message
+from .protocol import (
+    PROTOCOL_VERSION,
+    Chat,
+    Chunk,
+    ClientMessage,
+    DaemonMessage,
+    Error,
+    FrameTooLarge,
+    Result,
+    StatusReport,
+    Welcome,
+    encode_frame,
+)
+
+#: What a request's queue receives: the daemon's messages for its id, or a failure of the
+#: whole connection (one fresh exception per request, so threads never share a traceback).
+Reply: TypeAlias = Chunk | Result | Error | StatusReport | RouterdError
+
+#: How long the connect and the Hello/Welcome exchange may take when no timeout is given.
+HANDSHAKE_TIMEOUT = 10.0
+
+
+def default_client_name() -> str:
+    """The name sent in Hello when none is given: ``argv0:pid``, as routerd status shows it."""
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return f"{argv0}:{os.getpid()}"
+
+
+def chat_message(
+    rid: int,
+    route: str,
+    messages: Sequence[Mapping[str, Any]] | None,
+    deadline: float | None,
+    priority: int,
+    params: dict[str, Any],
+    stream: bool,
+) -> Chat:
+    """Build the Chat message for one request; ``params`` are OpenAI chat parameters."""
+    request = params if messages is None else {"messages": messages, **params}
+    return Chat(
+        id=rid,
+        route=route,
+        request=request,
+        stream=stream,
+        deadline=deadline,
+        priority=priority,
+    )
+
+
+def encode_request(message: ClientMessage) -> bytes:
+    """Frame a request, turning an unencodable parameter into BadRequest for the caller."""
+    try:
+        return encode_frame(message)
+    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
+        raise BadRequest(f"the request cannot be sent to routerd: {exc}") from exc
+
+
+def check_welcome(message: DaemonMessage | None, path: str) -> Welcome:
+    """Accept the daemon's reply to Hello, or raise what it means for the caller."""
+    if message is None:
+        raise Unavailable(f"routerd at {path} closed the connection during the handshake")
+    if isinstance(message, Error):
+        raise error_from_message(message)
+    if not isinstance(message, Welcome):
+        raise ProtocolError(
+            f"routerd at {path} answered hello with {type(message).__name__}, not welcome"
+        )
+    if message.version != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"routerd at {path} speaks protocol version {message.version}, this client "
+            f"speaks {PROTOCOL_VERSION}: upgrade routerd-client or routerd so they match"
+        )
+    return message
+
+
+def cannot_connect(path: str, exc: OSError) -> Unavailable:
+    """The error for a socket that is missing, refused or not ours to open."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    return Unavailable(
+        f"cannot connect to routerd at {path}: {reason}; is the daemon running? "
+        "Start it with `routerd serve`, or point ROUTERD_SOCKET at its socket"
+    )
+
+
+def connection_lost(path: str) -> Unavailable:
+    """The error every pending request gets when the daemon goes away."""
+    return Unavailable(
+        f"routerd closed the connection ({path}); requests in flight may or may not have run"
+    )
+
+
+def client_closed() -> Unavailable:
+    """The error for requests still pending, or newly made, after close()."""
+    return Unavailable("the routerd client was closed")
+
+
+def frame_too_large(exc: FrameTooLarge) -> ProtocolError:
+    """The error for a frame from the daemon above this client's max_frame."""
+    return ProtocolError(
+        f"routerd sent a frame of {exc.size} bytes, above this client's max_frame of "
+        f"{exc.limit} bytes; the connection was dropped"
+    )
+
+
+def undecodable(exc: Exception) -> ProtocolError:
+    """The error for a frame from the daemon that is not a message this client knows."""
+    return ProtocolError(f"routerd sent a message this client cannot read ({exc})")
+
+
+def unexpected(message: DaemonMessage, wanted: str) -> ProtocolError:
+    """The error for a well-formed reply of the wrong type for its request."""
+    return ProtocolError(f"routerd replied {type(message).__name__} where {wanted} was expected")

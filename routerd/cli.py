@@ -1,0 +1,148 @@
+"""The `routerd` command: serve, status, check, demo."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+
+def _socket_from(args: argparse.Namespace) -> str | None:
+    if args.socket:
+        return str(args.socket)
+    if args.config:
+        from routerd.config import ConfigError, load_config
+
+        try:
+            config = load_config(args.config)
+        except ConfigError as exc:
+            print(exc, file=sys.stderr)
+            raise SystemExit(2) from None
+        if config.server.socket:
+            return config.server.socket
+    return None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the daemon in the foreground."""
+    import anyio
+
+    from routerd import log
+    from routerd.config import ConfigError, load_config
+    from routerd.daemon import Daemon
+    from routerd.secrets import resolve_secrets
+
+    path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
+    try:
+        config = load_config(path)
+        text = Path(path).read_text()
+        secrets = resolve_secrets(config, source=str(path), text=text)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    log.configure(config.server.log_level)
+    daemon = Daemon(config, secrets, socket_path=Path(args.socket) if args.socket else None)
+    try:
+        anyio.run(daemon.run)
+    except RuntimeError as exc:
+        print(f"routerd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print pool health from the running daemon."""
+    from routerd_client import Client, RouterdError
+
+    from routerd.status import render
+
+    path = _socket_from(args)
+    try:
+        with Client(path, name="routerd-status") as client:
+            while True:
+                report = client.status()
+                if args.json:
+                    print(msgspec.json.format(msgspec.json.encode(report), indent=2).decode())
+                else:
+                    if args.watch:
+                        print("\033[2J\033[H", end="")
+                    print(render(report))
+                if not args.watch:
+                    return 0
+                sys.stdout.flush()
+                time.sleep(args.interval)
+    except RouterdError as exc:
+        print(f"routerd status: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a config; each problem names the key and the line."""
+    from routerd.config import check_config, load_config, summarize
+    from routerd.secrets import resolve_secrets
+
+    path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
+    problems = check_config(path)
+    if problems:
+        for problem in problems:
+            print(problem)
+        print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    config = load_config(path)
+    secrets = resolve_secrets(config, source=str(path), text=Path(path).read_text())
+    print(f"{path}: ok ({summarize(config, secrets)})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the embedded demo: local mock providers, the daemon, several client processes."""
+    from routerd.demo import run_demo
+
+    return run_demo(requests=args.requests, clients=args.clients, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of `routerd`."""
+    parser = argparse.ArgumentParser(prog="routerd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the daemon in the foreground")
+    serve.add_argument("--config", type=Path, help="config file (default /etc/routerd/config.toml)")
+    serve.add_argument("--socket", type=Path, help="listen here instead of the configured socket")
+    serve.set_defaults(func=cmd_serve)
+
+    status = sub.add_parser("status", help="pool health: per credential and per target")
+    status.add_argument("--json", action="store_true", help="print the report as JSON")
+    status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument("--socket", type=Path, help="the daemon's socket")
+    status.add_argument("--config", type=Path, help="read the socket path from this config")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check", help="validate a config")
+    check.add_argument("--config", type=Path, help="config file (default /etc/routerd/config.toml)")
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="local mock providers + daemon + clients")
+    demo.add_argument("--requests", type=int, default=30, help="requests per client process")
+    demo.add_argument("--clients", type=int, default=4, help="client processes")
+    demo.add_argument("--keep", action="store_true", help="leave the daemon running at the end")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `routerd` command."""
+    args = build_parser().parse_args(argv)
+    result: int = args.func(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

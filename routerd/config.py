@@ -1,0 +1,481 @@
+"""The config file: its schema (msgspec Structs), and loading it with errors that name
+the key and the line, so that a config that loads can be trusted inside the daemon."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
+from urllib.parse import urlsplit
+
+import msgspec
+
+from routerd.configerrors import (
+    ConfigError,
+    ConfigProblem,
+    ProblemList,
+    schema_problem,
+    syntax_problem,
+)
+
+if TYPE_CHECKING:
+    from routerd.secrets import Secret
+
+__all__ = [
+    "BreakerConfig",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "CredentialConfig",
+    "ModelConfig",
+    "ProblemList",
+    "ProviderConfig",
+    "RouteConfig",
+    "ServerConfig",
+    "check_config",
+    "env_name_problem",
+    "load_config",
+    "looks_like_key",
+    "parse_config",
+    "read_config_text",
+    "split_target",
+    "summarize",
+    "validate_config",
+]
+
+Strategy = Literal["headroom", "fill_first", "round_robin", "least_used", "random"]
+ProviderKind = Literal["openai", "anthropic", "openai-compatible"]
+
+
+class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One API key: where its secret comes from and its own limits.
+
+    Exactly one of key_env, key_file, key_credential (a systemd credential name, read from
+    $CREDENTIALS_DIRECTORY) names the secret.
+    """
+
+    label: str
+    key_env: str | None = None
+    key_file: str | None = None
+    key_credential: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One provider: its API kind, where it lives, and the pool of keys that serve it."""
+
+    kind: ProviderKind
+    base_url: str
+    strategy: Strategy = "headroom"
+    credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
+    pool_env: str | None = None
+    pool_rpm: int | None = None
+    pool_tpm: int | None = None
+    pool_max_concurrent: int | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    quota_park_s: float = 3600.0
+    auth_probe_s: float = 3600.0
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-target facts: the context window, and the long-context window where one exists."""
+
+    context_window: int | None = None
+    long_context_window: int | None = None
+
+
+class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An ordered fallback chain of "provider/model" targets.
+
+    ``retries`` bounds the attempts that are not key switches (a key switch after a 429,
+    a quota or an auth failure never uses it up).
+    """
+
+    chain: list[str]
+    deadline_s: float = 120.0
+    retries: int = 2
+
+
+class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """When a target's breaker opens, and how long it stays open before a half-open probe."""
+
+    failure_threshold: int = 3
+    open_s: float = 5.0
+    max_open_s: float = 120.0
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where the daemon listens and keeps its state. Empty paths mean the defaults."""
+
+    socket: str | None = None
+    socket_mode: int = 0o660
+    state_file: str | None = None
+    http_socket: str | None = None
+    http_listen: str | None = None
+    http_token_env: str = "ROUTERD_HTTP_TOKEN"
+    # http_listen must be a loopback address unless this is set: the front holds every key.
+    http_allow_remote: bool = False
+    max_frame: int = 16 * 1024 * 1024
+    mailbox_size: int = 256
+    drain_timeout_s: float = 30.0
+    state_flush_s: float = 1.0
+    log_level: str = "info"
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The whole config file."""
+
+    providers: dict[str, ProviderConfig]
+    routes: dict[str, RouteConfig]
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split "provider/model" at the first "/" (model names may contain "/" themselves).
+
+    Raises ValueError when either half is missing.
+    """
+    provider, sep, model = target.partition("/")
+    if not sep or not provider or not model:
+        raise ValueError(f"{target!r} is not of the form 'provider/model'")
+    return provider, model
+
+
+def read_config_text(path: str | os.PathLike[str]) -> str:
+    """Read a config file as text; any failure is a ConfigError naming the path."""
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        message = "config file not found"
+    except IsADirectoryError:
+        message = "is a directory, not a config file"
+    except OSError as exc:
+        message = f"cannot read config file: {exc.strerror or exc}"
+    else:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            message = f"config file is not UTF-8 text (bad byte at offset {exc.start})"
+    raise ConfigError([ConfigProblem(source, None, "", message)])
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and check the config file at ``path``; raises ConfigError."""
+    return parse_config(read_config_text(path), source=os.fspath(path))
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Parse and check a config text; raises ConfigError naming each bad key and its line.
+
+    TOML syntax and schema errors stop at the first one found; the semantic checks that
+    follow report every problem at once.
+    """
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([syntax_problem(exc, text, source)]) from None
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError([schema_problem(exc, raw, Config, source, text)]) from None
+    problems = validate_config(config, source=source, text=text)
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def check_config(
+    path: str | os.PathLike[str],
+    *,
+    environ: Mapping[str, str] | None = None,
+    credentials_dir: str | None = None,
+) -> list[ConfigProblem]:
+    """Every problem with the config at ``path`` and the keys it names (empty: it is valid).
+
+    Secrets are read from the real environment unless ``environ`` is given; what
+    ``routerd check`` prints.
+    """
+    # secrets.py imports this module for the schema; importing it here avoids the cycle.
+    from routerd.secrets import resolve_secrets
+
+    source = os.fspath(path)
+    try:
+        text = read_config_text(path)
+        config = parse_config(text, source=source)
+    except ConfigError as exc:
+        return exc.problems
+    env = os.environ if environ is None else environ
+    problems = ProblemList(source, text)
+    try:
+        resolve_secrets(
+            config, environ=env, credentials_dir=credentials_dir, source=source, text=text
+        )
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    server = config.server
+    if server.http_listen is not None and not env.get(server.http_token_env, "").strip():
+        problems.add(
+            ("server", "http_token_env"),
+            f"http_listen needs a token: environment variable {server.http_token_env} is not set",
+        )
+    return problems.problems
+
+
+def summarize(config: Config, secrets: Sequence[Secret]) -> str:
+    """What `routerd check` says about a valid config: "2 providers, 5 credentials, 1 route".
+
+    The CLI prints it as "config.toml: ok (...)".
+    """
+
+    def count(n: int, noun: str) -> str:
+        return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+    return ", ".join(
+        [
+            count(len(config.providers), "provider"),
+            count(len(secrets), "credential"),
+            count(len(config.routes), "route"),
+        ]
+    )
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Prefixes of real provider keys (OpenAI, Anthropic, OpenRouter, Groq, Gemini, xAI): a value
+# that starts like this was pasted where the *name* of a variable or file belongs.
+_KEY_PREFIXES = ("sk-", "sk_", "gsk_", "AIza", "xai-")
+_LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+_AUTH_HEADERS = {"authorization", "proxy-authorization", "x-api-key", "api-key"}
+
+
+def looks_like_key(value: str) -> bool:
+    """True when a name field starts the way a provider's API key does."""
+    return value.startswith(_KEY_PREFIXES)
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be an environment variable's name, or None if it can.
+
+    The message never repeats ``name``: a bad one is often the key itself.
+    """
+    # Variable names are short and mostly upper case; a long mix of lower case and digits
+    # is a key even when its provider's prefix is not one we know.
+    random_looking = (
+        len(name) >= 32 and any(c.islower() for c in name) and any(c.isdigit() for c in name)
+    )
+    if looks_like_key(name) or random_looking:
+        return "looks like an API key; give the NAME of the environment variable that holds it"
+    if not _ENV_NAME.fullmatch(name):
+        return "must be an environment variable name (letters, digits and _)"
+    return None
+
+
+def validate_config(
+    config: Config, *, source: str = "<config>", text: str | None = None
+) -> list[ConfigProblem]:
+    """Every semantic problem in a schema-valid config (empty when it can be used).
+
+    ``text``, when given, is the TOML the config came from and lets problems name lines.
+    """
+    problems = ProblemList(source, text)
+    if not config.providers:
+        problems.add(("providers",), "no providers are defined")
+    for name, provider in config.providers.items():
+        _check_provider(problems, name, provider)
+    for key, model in config.models.items():
+        _check_model(problems, config, key, model)
+    if not config.routes:
+        problems.add(("routes",), "no routes are defined")
+    for name, route in config.routes.items():
+        _check_route(problems, config, name, route)
+    _check_server(problems, config.server)
+    _check_breaker(problems, config.breaker)
+    return problems.problems
+
+
+def _positive(problems: ProblemList, path: tuple[str | int, ...], value: float | None) -> None:
+    # NaN and infinity are valid TOML floats, and neither is a usable limit or timeout.
+    if value is not None and not (math.isfinite(value) and value > 0):
+        problems.add(path, f"must be greater than 0, got {value!r}")
+
+
+def _check_provider(problems: ProblemList, name: str, provider: ProviderConfig) -> None:
+    here = ("providers", name)
+    if not name or "/" in name:
+        problems.add(here, "a provider name must be non-empty and contain no '/'")
+    url = urlsplit(provider.base_url)
+    if url.scheme not in ("http", "https") or not url.netloc:
+        problems.add((*here, "base_url"), "must start with http:// or https:// and name a host")
+    if not provider.credentials and provider.pool_env is None:
+        problems.add(here, "needs at least one credential (credentials = [...]) or a pool_env")
+    labels: dict[str, int] = {}
+    for i, cred in enumerate(provider.credentials):
+        at = (*here, "credentials", i)
+        if not cred.label.strip():
+            problems.add((*at, "label"), "must not be empty")
+        elif cred.label in labels:
+            problems.add(
+                (*at, "label"),
+                f"label '{cred.label}' is already used by credentials[{labels[cred.label]}]",
+            )
+        else:
+            labels[cred.label] = i
+        _check_key_source(problems, at, cred)
+        for field in ("rpm", "tpm", "max_concurrent"):
+            _positive(problems, (*at, field), getattr(cred, field))
+    if provider.pool_env is not None and (message := env_name_problem(provider.pool_env)):
+        problems.add((*here, "pool_env"), message)
+    for field in ("pool_rpm", "pool_tpm", "pool_max_concurrent"):
+        value = getattr(provider, field)
+        _positive(problems, (*here, field), value)
+        if value is not None and provider.pool_env is None:
+            problems.add((*here, field), "has no effect without pool_env")
+    for field in ("timeout_s", "connect_timeout_s", "quota_park_s", "auth_probe_s"):
+        _positive(problems, (*here, field), getattr(provider, field))
+    for header in provider.headers:
+        if header.lower() in _AUTH_HEADERS:
+            problems.add(
+                (*here, "headers", header),
+                "keys do not go in headers; the adapter sends each credential's key itself",
+            )
+
+
+def _check_key_source(
+    problems: ProblemList, at: tuple[str | int, ...], cred: CredentialConfig
+) -> None:
+    sources = {
+        "key_env": cred.key_env,
+        "key_file": cred.key_file,
+        "key_credential": cred.key_credential,
+    }
+    given = [k for k, v in sources.items() if v is not None]
+    if len(given) != 1:
+        found = f"got {' and '.join(given)}" if given else "got none"
+        problems.add(at, f"needs exactly one of key_env, key_file, key_credential ({found})")
+    if cred.key_env is not None and (message := env_name_problem(cred.key_env)):
+        problems.add((*at, "key_env"), message)
+    if cred.key_file is not None and not os.path.isabs(cred.key_file):
+        # Relative paths would depend on the working directory, which is / under systemd.
+        problems.add((*at, "key_file"), "must be the absolute path of a file that holds the key")
+    name = cred.key_credential
+    if name is not None and (
+        not name or "/" in name or name in (".", "..") or looks_like_key(name)
+    ):
+        problems.add(
+            (*at, "key_credential"),
+            "must be the name of a systemd credential (LoadCredential=NAME:PATH), not a path",
+        )
+
+
+def _check_model(problems: ProblemList, config: Config, key: str, model: ModelConfig) -> None:
+    here = ("models", key)
+    try:
+        provider, _ = split_target(key)
+    except ValueError:
+        problems.add(here, 'model keys are written "provider/model"')
+    else:
+        if provider not in config.providers:
+            problems.add(here, f"provider '{provider}' is not defined in [providers]")
+    _positive(problems, (*here, "context_window"), model.context_window)
+    _positive(problems, (*here, "long_context_window"), model.long_context_window)
+    ctx, long = model.context_window, model.long_context_window
+    if ctx is not None and long is not None and 0 < long <= ctx:
+        problems.add(
+            (*here, "long_context_window"),
+            f"must be larger than context_window ({ctx}), got {long}",
+        )
+
+
+def _check_route(problems: ProblemList, config: Config, name: str, route: RouteConfig) -> None:
+    here = ("routes", name)
+    if not route.chain:
+        problems.add((*here, "chain"), 'must name at least one "provider/model" target')
+    for i, target in enumerate(route.chain):
+        try:
+            provider, _ = split_target(target)
+        except ValueError as exc:
+            problems.add((*here, "chain", i), str(exc))
+            continue
+        if provider not in config.providers:
+            known = ", ".join(config.providers) or "none"
+            problems.add(
+                (*here, "chain", i),
+                f"provider '{provider}' is not defined in [providers] (defined: {known})",
+            )
+    _positive(problems, (*here, "deadline_s"), route.deadline_s)
+    if route.retries < 0:
+        problems.add((*here, "retries"), f"must be 0 or more, got {route.retries}")
+
+
+def _check_server(problems: ProblemList, server: ServerConfig) -> None:
+    here = ("server",)
+    listen = server.http_listen
+    if listen is not None and (message := _listen_problem(listen, server.http_allow_remote)):
+        problems.add((*here, "http_listen"), message)
+    if message := env_name_problem(server.http_token_env):
+        problems.add((*here, "http_token_env"), message)
+    if not 1024 <= server.max_frame <= 1 << 30:
+        problems.add(
+            (*here, "max_frame"),
+            f"must be between 1 KiB and 1 GiB in bytes, got {server.max_frame}",
+        )
+    if not 0 <= server.socket_mode <= 0o777:
+        problems.add((*here, "socket_mode"), "must be a permission mode such as 0o660")
+    if server.mailbox_size < 1:
+        problems.add((*here, "mailbox_size"), f"must be 1 or more, got {server.mailbox_size}")
+    _positive(problems, (*here, "state_flush_s"), server.state_flush_s)
+    if not (math.isfinite(server.drain_timeout_s) and server.drain_timeout_s >= 0):
+        problems.add((*here, "drain_timeout_s"), "must be 0 or more seconds")
+    if server.log_level.lower() not in _LOG_LEVELS:
+        problems.add(
+            (*here, "log_level"),
+            f"expected one of {', '.join(_LOG_LEVELS)}; got {server.log_level!r}",
+        )
+
+
+def _listen_problem(listen: str, allow_remote: bool) -> str | None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        return f"expected host:port such as 127.0.0.1:8484, got {listen!r}"
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        return "write an IPv6 address in brackets, such as [::1]:8484"
+    if allow_remote:
+        return None
+    if host.lower() == "localhost":
+        return None
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        return (
+            f"host {host or '(all interfaces)'!r} is not a loopback address; the HTTP front "
+            "holds every key, so it listens on 127.0.0.1, ::1 or localhost unless "
+            "server.http_allow_remote = true"
+        )
+    return None
+
+
+def _check_breaker(problems: ProblemList, breaker: BreakerConfig) -> None:
+    here = ("breaker",)
+    if breaker.failure_threshold < 1:
+        problems.add(
+            (*here, "failure_threshold"), f"must be 1 or more, got {breaker.failure_threshold}"
+        )
+    _positive(problems, (*here, "open_s"), breaker.open_s)
+    _positive(problems, (*here, "max_open_s"), breaker.max_open_s)
+    if breaker.max_open_s < breaker.open_s:
+        problems.add((*here, "max_open_s"), f"must be at least open_s ({breaker.open_s})")

@@ -1,0 +1,184 @@
+"""`routerd demo`: local mock providers, the real daemon, several client processes, then status.
+
+No real keys and no network: the mock providers listen on loopback and behave like the real
+ones (sliding-window rate limits with their headers, an invalid key, an exhausted key).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+
+from routerd.launch import DaemonProcess
+from routerd.mock import KeySpec, MockSpec, ModelSpec, start_mock_process
+
+DEMO_KEYS = {
+    "sk-demo-main-0001": KeySpec("main", rpm=12, window_s=3.0),
+    "sk-demo-ci-0002": KeySpec("ci", rpm=12, window_s=3.0),
+    "sk-demo-batch-0003": KeySpec("batch", rpm=12, window_s=3.0),
+    "sk-demo-revoked-0004": KeySpec("revoked", kind="invalid"),
+    "sk-demo-broke-0005": KeySpec("broke", kind="no_quota"),
+    "sk-demo-backup-0006": KeySpec("backup", rpm=6, window_s=3.0),
+}
+
+CONFIG = """\
+# The demo's config: a two-target chain; the first target has a pool of five keys,
+# one revoked and one out of quota; every key has a rate limit the clients will exceed.
+[server]
+state_file = "{state}"
+
+[providers.openai]
+kind = "openai-compatible"
+base_url = "{base_url}"
+strategy = "headroom"
+credentials = [
+  {{ label = "main", key_env = "DEMO_KEY_MAIN" }},
+  {{ label = "ci", key_env = "DEMO_KEY_CI" }},
+  {{ label = "batch", key_env = "DEMO_KEY_BATCH" }},
+  {{ label = "revoked", key_env = "DEMO_KEY_REVOKED" }},
+  {{ label = "broke", key_env = "DEMO_KEY_BROKE" }},
+]
+
+[providers.backup]
+kind = "openai-compatible"
+base_url = "{base_url}"
+credentials = [{{ label = "backup", key_env = "DEMO_KEY_BACKUP" }}]
+
+[routes.default]
+chain = ["openai/gpt-mock", "backup/llama-mock"]
+deadline_s = 60
+"""
+
+
+def _print(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int:
+    """Run the whole demo; returns the exit code (0 when every request was served)."""
+    workdir = Path(tempfile.mkdtemp(prefix="routerd-demo-", dir="/tmp"))
+    spec = MockSpec(
+        keys=DEMO_KEYS,
+        models={"gpt-mock": ModelSpec(), "llama-mock": ModelSpec()},
+        latency_ms=20,
+    )
+    _print("routerd demo: starting a mock provider on loopback ...")
+    with start_mock_process(spec) as mock:
+        config = workdir / "config.toml"
+        config.write_text(CONFIG.format(state=workdir / "state.msgpack", base_url=mock.base_url))
+        env = {f"DEMO_KEY_{spec_.label.upper()}": key for key, spec_ in DEMO_KEYS.items()}
+        socket_path = workdir / "routerd.sock"
+        _print(f"routerd demo: starting routerd (config {config}, socket {socket_path}) ...")
+        daemon = DaemonProcess(config, socket_path=socket_path, env=env)
+        try:
+            _print(f"routerd demo: {clients} client processes x {requests} requests ...")
+            started = time.monotonic()
+            procs = [
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "routerd.demo",
+                        "--socket",
+                        str(socket_path),
+                        "--requests",
+                        str(requests),
+                        "--name",
+                        f"agent-{n + 1}",
+                    ],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+                for n in range(clients)
+            ]
+            failed = 0
+            for proc in procs:
+                out, _ = proc.communicate(timeout=300)
+                _print("  " + out.strip().replace("\n", "\n  "))
+                failed += proc.returncode != 0
+            _print(f"routerd demo: all clients done in {time.monotonic() - started:.1f} s")
+            _print()
+            _print("upstream calls the mock provider saw, per key (HTTP status: count):")
+            for label, models in sorted(mock.stats()["calls"].items()):
+                merged: collections.Counter[str] = collections.Counter()
+                for statuses in models.values():
+                    merged.update(statuses)
+                _print(f"  {label:8} " + "  ".join(f"{s}: {n}" for s, n in sorted(merged.items())))
+            _print()
+            _print("$ routerd status")
+            subprocess.run(
+                [sys.executable, "-m", "routerd", "status", "--socket", str(socket_path)],
+                check=False,
+            )
+            if keep:
+                _print()
+                _print(f"routerd keeps running: ROUTERD_SOCKET={socket_path}; Ctrl-C to stop")
+                with contextlib.suppress(KeyboardInterrupt):
+                    daemon.process.wait()
+        finally:
+            daemon.close()
+    return 1 if failed else 0
+
+
+async def _client(socket_path: str, requests: int, name: str) -> int:
+    from routerd_client import AsyncClient, RouterdError
+
+    served: collections.Counter[str] = collections.Counter()
+    errors: collections.Counter[str] = collections.Counter()
+    key_switches = 0
+    async with AsyncClient(socket_path, name=name) as client:
+        counter = iter(range(requests))
+
+        async def worker() -> None:
+            nonlocal key_switches
+            for n in counter:
+                try:
+                    result = await client.chat(
+                        "default",
+                        messages=[{"role": "user", "content": f"{name} says hello #{n}"}],
+                        max_tokens=32,
+                    )
+                except RouterdError as exc:
+                    errors[exc.kind] += 1
+                    continue
+                served[f"{result.target} via {result.credential}"] += 1
+                key_switches += len(result.attempts) - 1
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(worker)
+        streamed = []
+        async for chunk in client.stream(
+            "default", messages=[{"role": "user", "content": f"{name} streams"}]
+        ):
+            streamed.append(chunk.text)
+    total = sum(served.values())
+    parts = ", ".join(f"{k}: {v}" for k, v in sorted(served.items()))
+    print(f"{name}: {total}/{requests} served ({parts}); {key_switches} silent key switches")
+    print(f"{name}: streamed reply: {''.join(streamed)!r}")
+    if errors:
+        print(f"{name}: errors: {dict(errors)}")
+    return 0 if not errors else 1
+
+
+def main() -> int:
+    """One demo client process."""
+    parser = argparse.ArgumentParser(prog="python -m routerd.demo")
+    parser.add_argument("--socket", default=os.environ.get("ROUTERD_SOCKET"))
+    parser.add_argument("--requests", type=int, default=30)
+    parser.add_argument("--name", default=f"agent-{os.getpid()}")
+    args = parser.parse_args()
+    return anyio.run(_client, args.socket, args.requests, args.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,516 @@
+"""The dispatcher: runs one request through its plan, attempt by attempt, until one succeeds.
+
+Each attempt leases a credential (synchronously, in the same event-loop step as the plan),
+calls the upstream adapter, and settles the outcome on the credential and the target's
+breaker. Key switches are free; re-trying targets that already failed uses the route's
+retry budget. When nothing is free the request waits, fairly, for the earliest reset
+inside its deadline.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import structlog
+from routerd_client.errors import RouterdError, error_from_message
+from routerd_client.protocol import Attempt, Error
+
+from routerd.actor import CredentialActor
+from routerd.credential import Health
+from routerd.outcome import Failure, FailureClass, UpstreamFailure
+from routerd.plan import Candidate, Exclusions, Plan, Target, plan
+from routerd.tokens import estimate_total
+from routerd.upstream.base import Adapter, Call, Completion, Delta
+
+log = structlog.get_logger("routerd.dispatch")
+
+OnDelta = Callable[[Delta], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Reply:
+    """A finished request, in the shape the protocol's Result carries."""
+
+    text: str
+    model: str
+    provider: str
+    credential: str
+    target: str
+    usage: dict[str, int]
+    attempts: list[Attempt]
+    finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None
+
+
+@dataclass(slots=True)
+class Route:
+    """A named chain of targets and the budget a request on it gets."""
+
+    name: str
+    chain: list[Target]
+    deadline_s: float
+    retries: int
+    queue: list[_Waiter] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ProviderRuntime:
+    """What an attempt needs from a provider besides its credentials."""
+
+    name: str
+    adapter: Adapter
+    base_url: str
+    timeout_s: float
+    headers: dict[str, str]
+
+
+@dataclass(slots=True, eq=False)
+class _Waiter:
+    priority: int
+    seq: int
+    event: anyio.Event = field(default_factory=anyio.Event)
+
+
+def routerd_error(
+    kind: str,
+    message: str,
+    attempts: list[Attempt] | None = None,
+    retry_after: float | None = None,
+    details: dict[str, Any] | None = None,
+) -> RouterdError:
+    """Build the client-visible typed error (the one error tree, shared with the client)."""
+    return error_from_message(
+        Error(
+            id=None,
+            kind=kind,
+            message=message,
+            retry_after=None if retry_after is None else round(max(0.0, retry_after), 3),
+            attempts=attempts or [],
+            details=details,
+        )
+    )
+
+
+def merge_tool_calls(merged: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Fold OpenAI-style tool-call deltas (keyed by index) into whole tool calls."""
+    for delta in deltas:
+        index = delta.get("index", len(merged))
+        while len(merged) <= index:
+            merged.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = merged[index]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] += function["name"]
+        if function.get("arguments"):
+            call["function"]["arguments"] += function["arguments"]
+
+
+class Dispatcher:
+    """Routes requests over chains of targets served by pools of credential actors."""
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        targets: dict[str, Target],
+        actors: dict[tuple[str, str], CredentialActor],
+        providers: dict[str, ProviderRuntime],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        default_deadline_s: float = 120.0,
+    ) -> None:
+        self.routes = routes
+        self.targets = targets
+        self.actors = actors
+        self.providers = providers
+        self.rotations: dict[str, int] = {}
+        self.in_flight = 0
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._on_change = on_change
+        self._default_deadline_s = default_deadline_s
+        self._seq = itertools.count()
+        self._idle: anyio.Event | None = None
+
+    # ---- routes -----------------------------------------------------------------------
+
+    def resolve(self, name: str) -> Route:
+        """The route named ``name``, or a one-target route for a "provider/model" name."""
+        route = self.routes.get(name)
+        if route is not None:
+            return route
+        target = self.targets.get(name)
+        if target is None:
+            provider, _, model = name.partition("/")
+            if provider in self.providers and model:
+                target = self._adhoc_target(provider, model)
+        if target is None:
+            known = ", ".join(sorted(self.routes)) or "none"
+            raise routerd_error(
+                "unknown_route",
+                f"unknown route {name!r}: known routes are {known}, "
+                "or name a target as provider/model",
+            )
+        route = Route(name, [target], self._default_deadline_s, 2)
+        self.routes[name] = route
+        return route
+
+    def _adhoc_target(self, provider: str, model: str) -> Target | None:
+        sibling = next((t for t in self.targets.values() if t.provider == provider), None)
+        if sibling is None:
+            return None
+        target = Target(
+            name=f"{provider}/{model}",
+            provider=provider,
+            model=model,
+            kind=sibling.kind,
+            strategy=sibling.strategy,
+            breaker=type(sibling.breaker)(
+                f"{provider}/{model}",
+                sibling.breaker.failure_threshold,
+                sibling.breaker.open_s,
+                sibling.breaker.max_open_s,
+            ),
+            pool=sibling.pool,
+        )
+        self.targets[target.name] = target
+        return target
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (the drain on shutdown waits on this)."""
+        if self.in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # ---- waking waiters ---------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Capacity may have freed up: wake every waiter, highest priority and oldest first."""
+        for route in self.routes.values():
+            for waiter in route.queue:
+                waiter.event.set()
+
+    def _enqueue(self, route: Route, priority: int) -> _Waiter:
+        waiter = _Waiter(priority, next(self._seq))
+        route.queue.append(waiter)
+        route.queue.sort(key=lambda w: (-w.priority, w.seq))
+        return waiter
+
+    # ---- one request ------------------------------------------------------------------
+
+    async def chat(
+        self,
+        route_name: str,
+        request: dict[str, Any],
+        *,
+        stream: bool = False,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_delta: OnDelta | None = None,
+    ) -> Reply:
+        """Serve one request on a route; raises a typed RouterdError when it cannot be served."""
+        route = self.resolve(route_name)
+        messages = request.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise routerd_error("bad_request", "request.messages must be a non-empty list")
+        budget = route.deadline_s if deadline is None else deadline
+        if not budget > 0:
+            raise routerd_error("bad_request", f"deadline must be positive, got {deadline}")
+        started = self._clock()
+        deadline_at = started + budget
+        attempts: list[Attempt] = []
+        self.in_flight += 1
+        outcome = "cancelled"
+        try:
+            with anyio.move_on_after(budget):
+                reply = await self._serve(
+                    route, request, stream, deadline_at, priority, on_delta, attempts
+                )
+                outcome = "ok"
+                return reply
+            outcome = "deadline_exceeded"
+            raise routerd_error(
+                outcome,
+                f"route {route.name!r}: no reply within the deadline of {budget:g} s",
+                attempts,
+            )
+        except RouterdError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            self.in_flight -= 1
+            if not self.in_flight and self._idle is not None:
+                self._idle.set()
+            last = attempts[-1] if attempts else None
+            log.info(
+                "request",
+                route=route.name,
+                outcome=outcome,
+                stream=stream,
+                target=last.target if last else None,
+                credential=last.credential if last else None,
+                attempts=len(attempts),
+                ms=round((self._clock() - started) * 1000, 2),
+            )
+
+    async def _serve(
+        self,
+        route: Route,
+        request: dict[str, Any],
+        stream: bool,
+        deadline_at: float,
+        priority: int,
+        on_delta: OnDelta | None,
+        attempts: list[Attempt],
+    ) -> Reply:
+        tokens = estimate_total(request)
+        exclusions = Exclusions()
+        retries_left = route.retries
+        waiter: _Waiter | None = None
+        last_failure: Failure | None = None
+        try:
+            if route.queue:
+                # Others already wait on this route: queue behind them, not ahead.
+                waiter = self._enqueue(route, priority)
+                self.notify()
+                await waiter.event.wait()
+            while True:
+                now = self._clock()
+                decision = plan(
+                    route.chain,
+                    tokens,
+                    now,
+                    exclusions=exclusions,
+                    rotations=self.rotations,
+                    rng=self._rng,
+                )
+                if decision.candidates:
+                    if waiter is not None:
+                        route.queue.remove(waiter)
+                        waiter = None
+                    candidate = decision.candidates[0]
+                    outcome = await self._attempt(candidate, request, stream, on_delta, attempts)
+                    if isinstance(outcome, Reply):
+                        return outcome
+                    last_failure = outcome
+                    self._exclude(candidate, outcome, exclusions)
+                    continue
+                if exclusions.down and retries_left > 0 and _all_excluded(route, exclusions):
+                    # Every target failed this request once: the retry budget pays for another
+                    # round, which the breakers pace (an open breaker makes it wait).
+                    retries_left -= 1
+                    exclusions.down.clear()
+                    continue
+                free_at = decision.free_at
+                if free_at is None or free_at >= deadline_at or _all_excluded(route, exclusions):
+                    raise self._give_up(route, decision, attempts, last_failure, now)
+                if waiter is None:
+                    waiter = self._enqueue(route, priority)
+                waiter.event = anyio.Event()
+                with anyio.move_on_after(free_at - now if free_at < math.inf else math.inf):
+                    await waiter.event.wait()
+        finally:
+            if waiter is not None and waiter in route.queue:
+                route.queue.remove(waiter)
+
+    @staticmethod
+    def _exclude(candidate: Candidate, failure: Failure, exclusions: Exclusions) -> None:
+        """Rule out, for this request only, what the failure says cannot serve it.
+
+        A cooling credential needs no entry: the plan skips it until its reset anyway.
+        """
+        cls = failure.cls
+        if cls is FailureClass.TARGET_DOWN:
+            exclusions.down.add(candidate.target.name)
+        elif cls is FailureClass.CONTEXT_OVERFLOW:
+            exclusions.targets.add(candidate.target.name)
+        elif cls in (FailureClass.QUOTA_EXHAUSTED, FailureClass.AUTH_FAILED) or (
+            cls is FailureClass.RATE_LIMITED and failure.oversized
+        ):
+            exclusions.credentials.add((candidate.credential.provider, candidate.credential.label))
+
+    async def _attempt(
+        self,
+        candidate: Candidate,
+        request: dict[str, Any],
+        stream: bool,
+        on_delta: OnDelta | None,
+        attempts: list[Attempt],
+    ) -> Reply | Failure:
+        """One call with one credential; settles its outcome; a Failure means try again."""
+        target = candidate.target
+        credential = candidate.credential
+        actor = self.actors[(credential.provider, credential.label)]
+        provider = self.providers[target.provider]
+        now = self._clock()
+        before = credential.current_health(now)
+        lease = credential.lease(now, estimate_total(request))
+        self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
+        probe = target.breaker.dispatched(now)
+        call = Call(
+            base_url=provider.base_url,
+            model=target.model,
+            key=actor.secret.key,
+            body=request,
+            timeout=provider.timeout_s,
+            headers=provider.headers,
+        )
+        delivered = False
+
+        async def deliver(delta: Delta) -> None:
+            nonlocal delivered
+            delivered = True
+            if on_delta is not None:
+                await on_delta(delta)
+
+        settled = False
+        try:
+            try:
+                if stream:
+                    completion = await self._stream(provider.adapter, call, deliver)
+                else:
+                    completion = await provider.adapter.complete(call)
+            except UpstreamFailure as exc:
+                failure = exc.failure
+                done = self._clock()
+                latency_ms = (done - now) * 1000
+                credential.failed(failure, done, self._rng, lease)
+                if failure.cls is FailureClass.TARGET_DOWN:
+                    breaker_before = target.breaker.failed(done, probe)
+                    if breaker_before is not target.breaker.state:
+                        _log_breaker(target, breaker_before.value, failure.message)
+                else:
+                    target.breaker.released(probe)
+                settled = True
+                actor.report(before)
+                self._on_change()
+                attempts.append(
+                    Attempt(
+                        target=target.name,
+                        credential=credential.label,
+                        outcome=failure.cls.value,
+                        status=failure.status,
+                        latency_ms=round(latency_ms, 2),
+                        message=failure.message,
+                    )
+                )
+                if delivered or failure.cls is FailureClass.BAD_REQUEST:
+                    # A stream that already reached the client cannot move elsewhere, and a
+                    # bad request would fail the same way anywhere.
+                    raise routerd_error(
+                        failure.cls.value,
+                        failure.message
+                        if not delivered
+                        else f"stream failed after it began: {failure.message}",
+                        attempts,
+                        failure.retry_after,
+                        failure.details or None,
+                    ) from None
+                return failure
+            done = self._clock()
+            latency_ms = (done - now) * 1000
+            credential.succeeded(done, latency_ms, completion.limits, lease)
+            breaker_before = target.breaker.succeeded(latency_ms, probe)
+            if breaker_before is not target.breaker.state:
+                _log_breaker(target, breaker_before.value, "")
+            settled = True
+            if before is not Health.READY:
+                actor.report(before)
+            self._on_change()
+            attempts.append(
+                Attempt(
+                    target=target.name,
+                    credential=credential.label,
+                    outcome="ok",
+                    status=200,
+                    latency_ms=round(latency_ms, 2),
+                )
+            )
+            return Reply(
+                text=completion.text,
+                model=completion.model or target.model,
+                provider=target.provider,
+                credential=credential.label,
+                target=target.name,
+                usage=completion.usage,
+                attempts=attempts,
+                finish_reason=completion.finish_reason,
+                tool_calls=completion.tool_calls,
+            )
+        finally:
+            if not settled:
+                # Cancelled (client gone, Cancel frame, deadline): no verdict on key or target.
+                credential.release(lease)
+                target.breaker.released(probe)
+                self._on_change()
+
+    async def _stream(self, adapter: Adapter, call: Call, deliver: OnDelta) -> Completion:
+        parts: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        async with adapter.stream(call) as upstream:
+            async for delta in upstream:
+                if delta.text:
+                    parts.append(delta.text)
+                if delta.tool_calls:
+                    merge_tool_calls(tool_calls, delta.tool_calls)
+                await deliver(delta)
+            return Completion(
+                text="".join(parts),
+                model=upstream.model,
+                finish_reason=upstream.finish_reason,
+                usage=upstream.usage,
+                limits=upstream.limits,
+                tool_calls=tool_calls or None,
+            )
+
+    def _give_up(
+        self,
+        route: Route,
+        decision: Plan,
+        attempts: list[Attempt],
+        last: Failure | None,
+        now: float,
+    ) -> RouterdError:
+        retry_after = None
+        if decision.free_at is not None and decision.free_at < math.inf:
+            retry_after = decision.free_at - now
+        if decision.blocked is not None:
+            kind = decision.blocked.value
+        elif last is not None:
+            kind = last.cls.value
+        else:
+            kind = FailureClass.TARGET_DOWN.value
+        reasons = {
+            "rate_limited": "every credential is cooling past the deadline",
+            "quota_exhausted": "every credential is out of quota",
+            "auth_failed": "every credential failed authentication",
+            "target_down": "every target is down",
+            "context_overflow": "the request fits no target's context window",
+            "long_context_limited": "every long-context lane is cooling",
+        }
+        message = f"route {route.name!r}: {reasons.get(kind, 'no target could serve it')}"
+        if last is not None:
+            message += f"; last error: {last.message}"
+        return routerd_error(kind, message, attempts, retry_after)
+
+
+def _all_excluded(route: Route, exclusions: Exclusions) -> bool:
+    return all(exclusions.excludes(target.name) for target in route.chain)
+
+
+def _log_breaker(target: Target, before: str, reason: str) -> None:
+    after = target.breaker.state.value
+    event = "breaker_opened" if after == "open" else f"breaker_{after}"
+    if after == "closed":
+        event = "breaker_closed"
+    log.info(event, target=target.name, was=before, reason=reason)

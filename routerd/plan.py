@@ -1,0 +1,201 @@
+"""The routing decision: a pure function from (route, request, state snapshot, now) to a plan.
+
+Like httpcore's ``_assign_requests_to_connections`` it only says what to do: which
+(target, credential) pairs to try, in order, or the earliest time one frees up. The
+dispatcher does the I/O afterwards, so this module is tested with an injected clock.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from routerd.breaker import Breaker
+from routerd.credential import CredentialState, Health
+from routerd.outcome import FailureClass
+
+
+@dataclass(slots=True)
+class Target:
+    """One provider/model in a chain, with the pool of credentials that serves it."""
+
+    name: str
+    provider: str
+    model: str
+    kind: str
+    strategy: str
+    breaker: Breaker
+    pool: list[CredentialState]
+    context_window: int | None = None
+    long_context_window: int | None = None
+
+    def window_for(self, tokens: int) -> tuple[bool, bool]:
+        """(fits at all, needs the long-context lane) for a request of ``tokens``."""
+        if self.context_window is None or tokens <= self.context_window:
+            return True, False
+        if self.long_context_window is not None and tokens <= self.long_context_window:
+            return True, True
+        return False, False
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A (target, credential) pair to try; ``long`` when it uses the long-context lane."""
+
+    target: Target
+    credential: CredentialState
+    long: bool = False
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to do for a request now.
+
+    ``candidates`` in the order to try. When empty: ``free_at`` is the earliest time one frees
+    up (``math.inf``: only a finished request can free one; None: nothing ever will), and
+    ``blocked`` the failure class that stands in the way, for the error the client gets.
+    """
+
+    candidates: list[Candidate] = field(default_factory=list)
+    free_at: float | None = None
+    blocked: FailureClass | None = None
+    largest_window: int | None = None
+    long_lane_back_at: float | None = None
+
+
+@dataclass(slots=True)
+class Exclusions:
+    """What this one request has already ruled out.
+
+    ``down``: targets that failed it as target_down (a retry round clears them);
+    ``targets``: targets it cannot fit; ``credentials``: keys that cannot serve it.
+    """
+
+    down: set[str] = field(default_factory=set)
+    targets: set[str] = field(default_factory=set)
+    credentials: set[tuple[str, str]] = field(default_factory=set)
+
+    def excludes(self, target: str) -> bool:
+        """Whether the request has ruled this target out."""
+        return target in self.down or target in self.targets
+
+
+_HEALTH_CLASS = {
+    Health.COOLING: FailureClass.RATE_LIMITED,
+    Health.PARKED: FailureClass.QUOTA_EXHAUSTED,
+    Health.DISABLED: FailureClass.AUTH_FAILED,
+}
+# Which blocker to name when several stand in the way: the one a wait cannot fix last.
+_RANK = {
+    FailureClass.RATE_LIMITED: 0,
+    FailureClass.LONG_CONTEXT_LIMITED: 1,
+    FailureClass.TARGET_DOWN: 2,
+    FailureClass.QUOTA_EXHAUSTED: 3,
+    FailureClass.AUTH_FAILED: 4,
+    FailureClass.CONTEXT_OVERFLOW: 5,
+}
+
+
+def _earliest(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    return min(a, b)
+
+
+def _blocker(current: FailureClass | None, new: FailureClass) -> FailureClass:
+    if current is None or _RANK[new] < _RANK[current]:
+        return new
+    return current
+
+
+def order_pool(
+    pool: Sequence[CredentialState],
+    strategy: str,
+    now: float,
+    rng: random.Random,
+    rotation: int,
+) -> list[CredentialState]:
+    """Order the usable credentials of one pool by the provider's rotation strategy."""
+    if strategy == "fill_first":
+        return sorted(pool, key=lambda c: c.order)
+    if strategy == "round_robin":
+        ordered = sorted(pool, key=lambda c: c.order)
+        if not ordered:
+            return ordered
+        start = rotation % len(ordered)
+        return ordered[start:] + ordered[:start]
+    if strategy == "least_used":
+        return sorted(pool, key=lambda c: (c.in_flight, c.uses, c.order))
+    if strategy == "random":
+        shuffled = list(pool)
+        rng.shuffle(shuffled)
+        return shuffled
+    # headroom: most capacity left as last reported, then fewest in flight, then the one
+    # rested longest, so a key is rotated away from before it runs dry.
+    return sorted(pool, key=lambda c: (-c.headroom(now), c.in_flight, c.last_used, c.order))
+
+
+def plan(
+    chain: Sequence[Target],
+    tokens: int,
+    now: float,
+    *,
+    exclusions: Exclusions | None = None,
+    rotations: Mapping[str, int] | None = None,
+    rng: random.Random | None = None,
+) -> Plan:
+    """Decide where a request of ``tokens`` (prompt plus output) can go at ``now``.
+
+    Targets come in chain order; a target is skipped when the request ruled it out, when it
+    cannot fit the request, or when its breaker admits no call. Within a target, the usable
+    credentials come in the order of the pool's strategy.
+    """
+    exclusions = exclusions or Exclusions()
+    rotations = rotations or {}
+    rng = rng or random.Random()
+    result = Plan()
+    any_fit = False
+    for target in chain:
+        if exclusions.excludes(target.name):
+            continue
+        fits, long = target.window_for(tokens)
+        window = target.long_context_window or target.context_window
+        if window is not None:
+            result.largest_window = max(result.largest_window or 0, window)
+        if not fits:
+            result.blocked = _blocker(result.blocked, FailureClass.CONTEXT_OVERFLOW)
+            continue
+        any_fit = True
+        if not target.breaker.admits(now):
+            result.free_at = _earliest(result.free_at, target.breaker.free_at(now) or math.inf)
+            result.blocked = _blocker(result.blocked, FailureClass.TARGET_DOWN)
+            continue
+        usable: list[CredentialState] = []
+        for credential in target.pool:
+            if (credential.provider, credential.label) in exclusions.credentials:
+                continue
+            if long and not credential.long_lane_open(now):
+                result.long_lane_back_at = _earliest(
+                    result.long_lane_back_at, credential.long_lane_until
+                )
+                result.free_at = _earliest(result.free_at, credential.long_lane_until)
+                result.blocked = _blocker(result.blocked, FailureClass.LONG_CONTEXT_LIMITED)
+                continue
+            free_at = credential.free_at(now, tokens)
+            if free_at <= now:
+                usable.append(credential)
+                continue
+            result.free_at = _earliest(result.free_at, free_at)
+            health = credential.current_health(now)
+            result.blocked = _blocker(
+                result.blocked, _HEALTH_CLASS.get(health, FailureClass.RATE_LIMITED)
+            )
+        ordered = order_pool(usable, target.strategy, now, rng, rotations.get(target.provider, 0))
+        result.candidates.extend(Candidate(target, c, long) for c in ordered)
+    if not any_fit:
+        result.free_at = None
+    return result

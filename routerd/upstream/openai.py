@@ -1,0 +1,366 @@
+"""The chat-completions adapter for OpenAI and every OpenAI-compatible API.
+
+One instance serves all ``openai`` and ``openai-compatible`` targets (OpenAI, Groq,
+OpenRouter, DeepSeek, vLLM, Ollama, ...) over the daemon's shared httpx client. httpx
+exceptions are translated here and nowhere else; callers only ever see UpstreamFailure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import lru_cache
+from typing import Any
+
+import httpx
+import msgspec
+
+from routerd.classify import classify, transport_failure
+from routerd.limits import openai_limits
+from routerd.outcome import Failure, RateLimitReport, UpstreamFailure
+from routerd.upstream.base import Call, Completion, Delta
+from routerd.upstream.sse import SSEDecoder
+
+__all__ = ["OpenAIAdapter", "OpenAIStream"]
+
+
+# Typed views of the replies: msgspec decodes straight into these, skipping unknown fields,
+# which is faster than building dicts and validates the shape in the same pass.
+class _Message(msgspec.Struct):
+    content: str | list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class _Choice(msgspec.Struct):
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Reply(msgspec.Struct):
+    choices: list[_Choice] | None = None
+    model: str | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+class _ChunkChoice(msgspec.Struct):
+    delta: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_ChunkChoice] | None = None
+    model: str | None = None
+    usage: dict[str, Any] | None = None
+    error: Any = None
+
+
+_decode_reply = msgspec.json.Decoder(_Reply).decode
+_decode_chunk = msgspec.json.Decoder(_Chunk).decode
+_encode = msgspec.json.Encoder().encode
+
+# Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).
+_HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
+# Most specific first: the first match names the failure.
+_TRANSPORT_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (httpx.ConnectTimeout, "connect timeout"),
+    (httpx.ReadTimeout, "read timeout"),
+    (httpx.WriteTimeout, "write timeout"),
+    (httpx.PoolTimeout, "local connection pool timeout"),
+    (httpx.TimeoutException, "timeout"),
+    (httpx.ConnectError, "connect error"),
+    (httpx.RemoteProtocolError, "protocol error"),
+    (httpx.LocalProtocolError, "local protocol error"),
+    (httpx.ReadError, "read error"),
+    (httpx.WriteError, "write error"),
+    (httpx.ProxyError, "proxy error"),
+    (httpx.UnsupportedProtocol, "unsupported protocol"),
+    (httpx.NetworkError, "network error"),
+    (httpx.DecodingError, "decoding error"),
+    (httpx.TooManyRedirects, "too many redirects"),
+    (httpx.InvalidURL, "invalid url"),
+)
+
+
+@lru_cache(maxsize=64)
+def _timeout(seconds: float) -> httpx.Timeout:
+    # Connecting should take milliseconds; a long connect wait only delays the fallback.
+    return httpx.Timeout(seconds, connect=min(5.0, seconds))
+
+
+def _transport_failure(exc: Exception, call: Call, *, streaming: bool = False) -> Failure:
+    """The one translation of an httpx exception into a target_down Failure."""
+    kind = next((name for cls, name in _TRANSPORT_KINDS if isinstance(exc, cls)), "http error")
+    if isinstance(exc, httpx.TimeoutException):
+        limit = min(5.0, call.timeout) if isinstance(exc, httpx.ConnectTimeout) else call.timeout
+        kind = f"{kind} after {limit:g}s"
+    if streaming:
+        kind = f"stream cut ({kind})"
+    return transport_failure(kind, str(exc), key=call.key)
+
+
+def _text(content: str | list[Any] | None) -> str:
+    """Message text; some compatible servers send content as a list of typed parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(
+        part["text"]
+        for part in content
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    )
+
+
+def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
+    # Nested breakdowns (prompt_tokens_details, ...) and nulls are dropped; bool is not a count.
+    if not usage:
+        return {}
+    return {name: value for name, value in usage.items() if type(value) is int}
+
+
+class OpenAIStream:
+    """An open chat-completions stream. Iterate it once for Deltas.
+
+    ``limits`` is known on entry; ``usage``, ``model`` and ``finish_reason`` are complete
+    once iteration ends. Mid-stream errors, cuts and timeouts raise UpstreamFailure.
+    """
+
+    __slots__ = (
+        "_call",
+        "_done",
+        "_iterated",
+        "_response",
+        "finish_reason",
+        "limits",
+        "model",
+        "usage",
+    )
+
+    def __init__(self, response: httpx.Response, call: Call, limits: RateLimitReport) -> None:
+        self.limits = limits
+        self.usage: dict[str, int] = {}
+        self.model = call.model
+        self.finish_reason: str | None = None
+        self._response = response
+        self._call = call
+        self._done = False
+        self._iterated = False
+
+    def __aiter__(self) -> AsyncIterator[Delta]:
+        if self._iterated:
+            raise RuntimeError("an upstream stream can be iterated only once")
+        self._iterated = True
+        return self._deltas()
+
+    async def _deltas(self) -> AsyncIterator[Delta]:
+        decoder = SSEDecoder()
+        failure: Failure | None = None
+        try:
+            async for line in self._response.aiter_lines():
+                event = decoder.feed(line)
+                # After [DONE] the rest is still read, so the connection goes back to the pool.
+                if event is None or self._done:
+                    continue
+                delta = self._on_event(*event)
+                if delta is not None:
+                    yield delta
+            event = decoder.flush()
+            if event is not None and not self._done:
+                delta = self._on_event(*event)
+                if delta is not None:
+                    yield delta
+        except _HTTP_ERRORS as exc:
+            failure = _transport_failure(exc, self._call, streaming=True)
+        # Raised outside the except block so the httpx exception is not chained onto it.
+        if failure is not None:
+            raise UpstreamFailure(failure)
+        # Some compatible servers end a finished stream without [DONE]; once a finish_reason
+        # arrived the client has the whole reply, so only a cut before it is a failure.
+        if not self._done and self.finish_reason is None:
+            raise UpstreamFailure(
+                transport_failure(
+                    "stream cut", "connection closed before [DONE]", key=self._call.key
+                )
+            )
+
+    def _on_event(self, event: str | None, data: str) -> Delta | None:
+        if data == "[DONE]":
+            self._done = True
+            return None
+        if event == "error":
+            raise UpstreamFailure(classify(None, None, data, key=self._call.key, now=time.time()))
+        if data[:1] != "{":
+            return None  # keep-alive noise, not a chunk
+        try:
+            chunk = _decode_chunk(data)
+        except msgspec.DecodeError as exc:
+            failure = transport_failure("malformed stream chunk", str(exc), key=self._call.key)
+        else:
+            return self._on_chunk(chunk)
+        raise UpstreamFailure(failure)
+
+    def _on_chunk(self, chunk: _Chunk) -> Delta | None:
+        if chunk.error is not None:
+            # The rate-limit headers belong to the accepted request, not to this error.
+            raise UpstreamFailure(
+                classify(None, None, {"error": chunk.error}, key=self._call.key, now=time.time())
+            )
+        if chunk.model:
+            self.model = chunk.model
+        if chunk.usage is not None:
+            self.usage = _usage(chunk.usage)
+        if not chunk.choices:
+            return None
+        choice = chunk.choices[0]  # n > 1 is not routed; the first choice is the reply
+        finish = choice.finish_reason
+        if finish:
+            self.finish_reason = finish
+        message = choice.delta
+        if message is None:
+            return Delta(finish_reason=finish) if finish else None
+        text = _text(message.content)
+        if text or message.tool_calls or finish:
+            return Delta(text=text, tool_calls=message.tool_calls, finish_reason=finish)
+        return None
+
+
+class OpenAIAdapter:
+    """POSTs ``{base_url}/chat/completions``; kind "openai", also used for "openai-compatible".
+
+    ``requests_per_day`` marks the request window as daily on every report (Groq's is;
+    targets on api.groq.com get it without the flag). ``stream_usage`` asks for the final
+    usage chunk; turn it off for a server that rejects ``stream_options``.
+    """
+
+    __slots__ = ("_http", "_requests_per_day", "_stream_usage", "kind")
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        requests_per_day: bool = False,
+        kind: str = "openai",
+        stream_usage: bool = True,
+    ) -> None:
+        self.kind = kind
+        self._http = http
+        self._requests_per_day = requests_per_day
+        self._stream_usage = stream_usage
+
+    def _per_day(self, call: Call) -> bool:
+        return self._requests_per_day or "api.groq.com" in call.base_url
+
+    def _prepare(self, call: Call, *, stream: bool) -> tuple[str, bytes, dict[str, str]]:
+        # One shallow copy: the caller's body is reused for the next target and must not change.
+        body = {**call.body, "model": call.model, "stream": stream}
+        if stream:
+            if self._stream_usage:
+                options = body.get("stream_options")
+                body["stream_options"] = (
+                    {**options, "include_usage": True}
+                    if isinstance(options, dict)
+                    else {"include_usage": True}
+                )
+        else:
+            body.pop("stream_options", None)  # OpenAI rejects it on a non-streaming call
+        headers = {
+            "authorization": f"Bearer {call.key}",
+            "content-type": "application/json",
+            "accept": "text/event-stream" if stream else "application/json",
+        }
+        if call.headers:
+            headers.update(call.headers)
+        return f"{call.base_url.rstrip('/')}/chat/completions", _encode(body), headers
+
+    async def complete(self, call: Call) -> Completion:
+        """Send a non-streaming request and return the whole reply."""
+        url, content, headers = self._prepare(call, stream=False)
+        try:
+            response = await self._http.post(
+                url, content=content, headers=headers, timeout=_timeout(call.timeout)
+            )
+        except _HTTP_ERRORS as exc:
+            failure = _transport_failure(exc, call)
+        else:
+            return self._completion(response, call)
+        raise UpstreamFailure(failure)
+
+    def _completion(self, response: httpx.Response, call: Call) -> Completion:
+        per_day = self._per_day(call)
+        if not response.is_success:
+            raise UpstreamFailure(
+                classify(
+                    response.status_code,
+                    response.headers,
+                    response.content,
+                    key=call.key,
+                    now=time.time(),
+                    requests_per_day=per_day,
+                )
+            )
+        try:
+            reply = _decode_reply(response.content)
+        except msgspec.DecodeError as exc:
+            failure = transport_failure("malformed reply", str(exc), key=call.key)
+        else:
+            if reply.error is not None:  # OpenRouter can answer 200 with an error body
+                failure = classify(
+                    response.status_code,
+                    response.headers,
+                    {"error": reply.error},
+                    key=call.key,
+                    now=time.time(),
+                    requests_per_day=per_day,
+                )
+            else:
+                return _completion_of(
+                    reply, call, openai_limits(response.headers, requests_per_day=per_day)
+                )
+        raise UpstreamFailure(failure)
+
+    @asynccontextmanager
+    async def stream(self, call: Call) -> AsyncIterator[OpenAIStream]:
+        """Open a streaming request; entering raises UpstreamFailure if it fails before any byte."""
+        url, content, headers = self._prepare(call, stream=True)
+        per_day = self._per_day(call)
+        try:
+            async with self._http.stream(
+                "POST", url, content=content, headers=headers, timeout=_timeout(call.timeout)
+            ) as response:
+                if response.is_success:
+                    limits = openai_limits(response.headers, requests_per_day=per_day)
+                    yield OpenAIStream(response, call, limits)
+                    return
+                body: bytes | None
+                try:
+                    body = await response.aread()
+                except _HTTP_ERRORS:
+                    body = None  # the status alone still classifies it
+                failure = classify(
+                    response.status_code,
+                    response.headers,
+                    body,
+                    key=call.key,
+                    now=time.time(),
+                    requests_per_day=per_day,
+                )
+        except _HTTP_ERRORS as exc:
+            failure = _transport_failure(exc, call)
+        raise UpstreamFailure(failure)
+
+
+def _completion_of(reply: _Reply, call: Call, limits: RateLimitReport) -> Completion:
+    choice = reply.choices[0] if reply.choices else None
+    message = choice.message if choice is not None else None
+    return Completion(
+        text=_text(message.content) if message is not None else "",
+        model=reply.model or call.model,
+        finish_reason=choice.finish_reason if choice is not None else None,
+        usage=_usage(reply.usage),
+        limits=limits,
+        tool_calls=message.tool_calls if message is not None else None,
+    )
