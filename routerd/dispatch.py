@@ -299,7 +299,9 @@ class Dispatcher:
                         route.queue.remove(waiter)
                         waiter = None
                     candidate = decision.candidates[0]
-                    outcome = await self._attempt(candidate, request, stream, on_delta, attempts)
+                    outcome = await self._attempt(
+                        candidate, request, tokens, stream, on_delta, attempts
+                    )
                     if isinstance(outcome, Reply):
                         return outcome
                     last_failure = outcome
@@ -343,6 +345,7 @@ class Dispatcher:
         self,
         candidate: Candidate,
         request: dict[str, Any],
+        tokens: int,
         stream: bool,
         on_delta: OnDelta | None,
         attempts: list[Attempt],
@@ -354,7 +357,7 @@ class Dispatcher:
         provider = self.providers[target.provider]
         now = self._clock()
         before = credential.current_health(now)
-        lease = credential.lease(now, estimate_total(request))
+        lease = credential.lease(now, tokens)
         self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
         probe = target.breaker.dispatched(now)
         call = Call(

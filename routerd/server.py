@@ -85,14 +85,31 @@ class Connection:
         self.version = version
         self.client = ""
         self.requests: dict[int, anyio.CancelScope] = {}
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
+        self._raw: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._closed = False
 
     async def send(self, message: DaemonMessage) -> None:
-        """Write one frame; a client that went away just ends the writer."""
+        """Write one frame; a client that went away just ends the writer.
+
+        Hot path: when no other write is pending, the frame goes straight into the socket's
+        buffer, which costs no trip through the event loop (anyio's send always yields once
+        first). Only what does not fit waits, in order, under the lock.
+        """
         if self._closed:
             return
         frame = encode_frame(message)
+        if self._raw is not None and not self._lock.locked():
+            try:
+                sent = self._raw.send(frame)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                self._closed = True
+                return
+            if sent == len(frame):
+                return
+            frame = frame[sent:]
         async with self._lock:
             try:
                 await self.stream.send(frame)

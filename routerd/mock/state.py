@@ -8,7 +8,7 @@ never interleave with another request's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -17,7 +17,10 @@ import msgspec
 from routerd.mock.limits import SlidingWindow, WindowState
 from routerd.mock.spec import KeySpec, MockSpec, ModelSpec
 
-Rejection = Literal["requests", "tokens", "too_large"]
+WindowName = Literal["requests", "tokens", "input_tokens", "output_tokens", "long_requests"]
+Rejection = Literal[
+    "requests", "tokens", "input_tokens", "output_tokens", "long_requests", "too_large"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,8 +28,9 @@ class Admission:
     """A key's windows after asking them to take one request.
 
     ``rejected`` names the window that refused (``too_large``: the request alone exceeds
-    the token limit, so waiting will not help); ``used`` is that window's use, for the
-    error message. A rejected request leaves the windows untouched.
+    a token window's limit, so waiting will not help; ``refused_by`` then names that
+    window); ``used`` is the refusing window's use, for the error message. A rejected
+    request leaves the windows untouched.
     """
 
     requests: WindowState | None
@@ -34,6 +38,10 @@ class Admission:
     rejected: Rejection | None = None
     retry_after_s: float = 0.0
     used: int = 0
+    input_tokens: WindowState | None = None
+    output_tokens: WindowState | None = None
+    long_requests: WindowState | None = None
+    refused_by: WindowName | None = None
 
 
 class Stats(msgspec.Struct, frozen=True):
@@ -43,12 +51,6 @@ class Stats(msgspec.Struct, frozen=True):
     total: int
 
 
-@dataclass(slots=True)
-class _KeyWindows:
-    requests: SlidingWindow | None
-    tokens: SlidingWindow | None
-
-
 class MockState:
     """Everything the mock remembers between requests; ``clock`` is injectable for tests."""
 
@@ -56,7 +58,7 @@ class MockState:
         self.spec = spec
         self.models: dict[str, ModelSpec] = dict(spec.models)
         self._clock = clock
-        self._windows: dict[str, _KeyWindows] = {}
+        self._windows: dict[str, dict[WindowName, SlidingWindow]] = {}
         self._calls: dict[str, dict[str, dict[str, int]]] = {}
         self._total = 0
 
@@ -69,13 +71,21 @@ class MockState:
         ms = model.latency_ms if model.latency_ms is not None else self.spec.latency_ms
         return ms / 1000
 
-    def _windows_of(self, secret: str, key: KeySpec) -> _KeyWindows:
+    def _windows_of(self, secret: str, key: KeySpec) -> dict[WindowName, SlidingWindow]:
         windows = self._windows.get(secret)
         if windows is None:
-            windows = _KeyWindows(
-                requests=SlidingWindow(key.rpm, key.window_s) if key.rpm else None,
-                tokens=SlidingWindow(key.tpm, key.window_s) if key.tpm else None,
-            )
+            limits: dict[WindowName, int | None] = {
+                "requests": key.rpm,
+                "tokens": key.tpm,
+                "input_tokens": key.itpm,
+                "output_tokens": key.otpm,
+                "long_requests": key.long_context_rpm,
+            }
+            windows = {
+                name: SlidingWindow(limit, key.window_s)
+                for name, limit in limits.items()
+                if limit is not None
+            }
             self._windows[secret] = windows
         return windows
 
@@ -87,24 +97,32 @@ class MockState:
 
     def admit(self, secret: str, key: KeySpec, tokens: int) -> Admission:
         """Admit one request of ``tokens`` estimated tokens, or say which window refuses."""
+        return self.admit_amounts(secret, key, {"requests": 1, "tokens": tokens})
+
+    def admit_amounts(
+        self, secret: str, key: KeySpec, amounts: Mapping[WindowName, int]
+    ) -> Admission:
+        """Admit one request taking ``amounts`` from the named windows, or say which refuses.
+
+        Windows the key lacks, and windows not named, are not consulted. A request too large
+        for a window outright is refused first (it will never fit); otherwise the first
+        full window in ``amounts`` order refuses.
+        """
         now = self._clock()
         windows = self._windows_of(secret, key)
-        if windows.tokens is not None and tokens > windows.tokens.limit:
-            return _admission(windows, now, "too_large")
-        if windows.requests is not None:
-            wait = windows.requests.wait_for(1, now)
+        present = [
+            (name, amount, windows[name]) for name, amount in amounts.items() if name in windows
+        ]
+        for name, amount, window in present:
+            if amount > window.limit:
+                return _admission(windows, now, "too_large", refused_by=name)
+        for name, amount, window in present:
+            wait = window.wait_for(amount, now)
             if wait > 0:
-                used = windows.requests.used(now)
-                return _admission(windows, now, "requests", wait, used)
-        if windows.tokens is not None:
-            wait = windows.tokens.wait_for(tokens, now)
-            if wait > 0:
-                used = windows.tokens.used(now)
-                return _admission(windows, now, "tokens", wait, used)
-        if windows.requests is not None:
-            windows.requests.add(1, now)
-        if windows.tokens is not None:
-            windows.tokens.add(tokens, now)
+                used = window.used(now)
+                return _admission(windows, now, name, wait, used, refused_by=name)
+        for _, amount, window in present:
+            window.add(amount, now)
         return _admission(windows, now)
 
     def record(self, label: str, model: str, outcome: str) -> None:
@@ -133,16 +151,26 @@ class MockState:
 
 
 def _admission(
-    windows: _KeyWindows,
+    windows: Mapping[WindowName, SlidingWindow],
     now: float,
     rejected: Rejection | None = None,
     retry_after_s: float = 0.0,
     used: int = 0,
+    *,
+    refused_by: WindowName | None = None,
 ) -> Admission:
+    def state(name: WindowName) -> WindowState | None:
+        window = windows.get(name)
+        return window.state(now) if window is not None else None
+
     return Admission(
-        requests=windows.requests.state(now) if windows.requests else None,
-        tokens=windows.tokens.state(now) if windows.tokens else None,
+        requests=state("requests"),
+        tokens=state("tokens"),
         rejected=rejected,
         retry_after_s=retry_after_s,
         used=used,
+        input_tokens=state("input_tokens"),
+        output_tokens=state("output_tokens"),
+        long_requests=state("long_requests"),
+        refused_by=refused_by,
     )
