@@ -75,7 +75,7 @@ class CredentialActor:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; wake when a cooldown or a park runs out."""
         task_status.started()
-        async with self._receive:
+        async with self._receive, self._send:
             while True:
                 wait = self._until_next_transition()
                 with anyio.move_on_after(wait):

@@ -56,6 +56,12 @@ KNOWN_WINDOWS: dict[str, int] = {
 }
 
 
+# What a request must carry to use a model's long-context window, per API kind.
+LONG_CONTEXT_HEADERS: dict[str, dict[str, str]] = {
+    "anthropic": {"anthropic-beta": "context-1m-2025-08-07"},
+}
+
+
 def default_socket_path() -> Path:
     """Where the daemon listens when the config names no socket."""
     if env := os.environ.get("ROUTERD_SOCKET"):
@@ -179,6 +185,7 @@ class Daemon:
             pool=pools.get(provider, []),
             context_window=context_window or KNOWN_WINDOWS.get(model),
             long_context_window=model_config.long_context_window if model_config else None,
+            long_context_headers=LONG_CONTEXT_HEADERS.get(provider_config.kind, {}),
         )
         targets[name] = target
         return target

@@ -26,7 +26,7 @@ from routerd.actor import CredentialActor
 from routerd.credential import Health
 from routerd.outcome import Failure, FailureClass, UpstreamFailure
 from routerd.plan import Candidate, Exclusions, Plan, Target, plan
-from routerd.tokens import estimate_total
+from routerd.tokens import estimate_prompt, output_allowance
 from routerd.upstream.base import Adapter, Call, Completion, Delta
 
 log = structlog.get_logger("routerd.dispatch")
@@ -273,7 +273,8 @@ class Dispatcher:
         on_delta: OnDelta | None,
         attempts: list[Attempt],
     ) -> Reply:
-        tokens = estimate_total(request)
+        prompt = estimate_prompt(request)
+        tokens = prompt + output_allowance(request)
         exclusions = Exclusions()
         retries_left = route.retries
         waiter: _Waiter | None = None
@@ -290,6 +291,7 @@ class Dispatcher:
                     route.chain,
                     tokens,
                     now,
+                    prompt_tokens=prompt,
                     exclusions=exclusions,
                     rotations=self.rotations,
                     rng=self._rng,
@@ -300,7 +302,7 @@ class Dispatcher:
                         waiter = None
                     candidate = decision.candidates[0]
                     outcome = await self._attempt(
-                        candidate, request, tokens, stream, on_delta, attempts
+                        candidate, request, prompt, tokens, stream, on_delta, attempts
                     )
                     if isinstance(outcome, Reply):
                         return outcome
@@ -314,8 +316,15 @@ class Dispatcher:
                     exclusions.down.clear()
                     continue
                 free_at = decision.free_at
-                if free_at is None or free_at >= deadline_at or _all_excluded(route, exclusions):
-                    raise self._give_up(route, decision, attempts, last_failure, now)
+                if (
+                    free_at is None
+                    or free_at >= deadline_at
+                    or _all_excluded(route, exclusions)
+                    # A long request whose lanes are all cooling is told at once, so the agent
+                    # can compact and resend instead of waiting out the lane.
+                    or decision.blocked is FailureClass.LONG_CONTEXT_LIMITED
+                ):
+                    raise self._give_up(route, decision, attempts, last_failure, now, tokens)
                 if waiter is None:
                     waiter = self._enqueue(route, priority)
                 waiter.event = anyio.Event()
@@ -345,6 +354,7 @@ class Dispatcher:
         self,
         candidate: Candidate,
         request: dict[str, Any],
+        prompt: int,
         tokens: int,
         stream: bool,
         on_delta: OnDelta | None,
@@ -360,13 +370,16 @@ class Dispatcher:
         lease = credential.lease(now, tokens)
         self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
         probe = target.breaker.dispatched(now)
+        headers = provider.headers
+        if candidate.long and target.long_context_headers:
+            headers = _merge_headers(headers, target.long_context_headers)
         call = Call(
             base_url=provider.base_url,
             model=target.model,
             key=actor.secret.key,
             body=request,
             timeout=provider.timeout_s,
-            headers=provider.headers,
+            headers=headers,
         )
         delivered = False
 
@@ -423,6 +436,7 @@ class Dispatcher:
             done = self._clock()
             latency_ms = (done - now) * 1000
             credential.succeeded(done, latency_ms, completion.limits, lease)
+            target.learn_tokens(prompt, completion.usage.get("prompt_tokens", 0))
             breaker_before = target.breaker.succeeded(latency_ms, probe)
             if breaker_before is not target.breaker.state:
                 _log_breaker(target, breaker_before.value, "")
@@ -483,6 +497,7 @@ class Dispatcher:
         attempts: list[Attempt],
         last: Failure | None,
         now: float,
+        tokens: int,
     ) -> RouterdError:
         retry_after = None
         if decision.free_at is not None and decision.free_at < math.inf:
@@ -493,18 +508,51 @@ class Dispatcher:
             kind = last.cls.value
         else:
             kind = FailureClass.TARGET_DOWN.value
+        last_error = f"; last error: {last.message}" if last is not None else ""
+        if kind == FailureClass.LONG_CONTEXT_LIMITED.value:
+            back_in = None
+            if decision.long_lane_back_at is not None:
+                back_in = round(max(0.0, decision.long_lane_back_at - now), 3)
+            window = decision.available_window
+            return routerd_error(
+                "context_tier_downgrade",
+                f"route {route.name!r}: every long-context lane that could hold about {tokens} "
+                f"tokens is cooling; the largest window available now is {window} tokens, "
+                f"long context expected back in {back_in} s{last_error}",
+                attempts,
+                back_in,
+                {
+                    "largest_window": window,
+                    "long_lane_back_in": back_in,
+                    "requested_tokens": tokens,
+                },
+            )
+        if kind == FailureClass.CONTEXT_OVERFLOW.value:
+            return routerd_error(
+                kind,
+                f"route {route.name!r}: the request needs about {tokens} tokens; the largest "
+                f"context window in its chain is {decision.largest_window}{last_error}",
+                attempts,
+                None,
+                {"requested_tokens": tokens, "largest_window": decision.largest_window},
+            )
         reasons = {
             "rate_limited": "every credential is cooling past the deadline",
             "quota_exhausted": "every credential is out of quota",
             "auth_failed": "every credential failed authentication",
             "target_down": "every target is down",
-            "context_overflow": "the request fits no target's context window",
-            "long_context_limited": "every long-context lane is cooling",
         }
         message = f"route {route.name!r}: {reasons.get(kind, 'no target could serve it')}"
-        if last is not None:
-            message += f"; last error: {last.message}"
-        return routerd_error(kind, message, attempts, retry_after)
+        return routerd_error(kind, message + last_error, attempts, retry_after)
+
+
+def _merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """``extra`` over ``base``; list-valued beta headers are joined, not replaced."""
+    merged = dict(base)
+    for name, value in extra.items():
+        current = merged.get(name)
+        merged[name] = f"{current},{value}" if current and name.endswith("-beta") else value
+    return merged
 
 
 def _all_excluded(route: Route, exclusions: Exclusions) -> bool:

@@ -30,6 +30,15 @@ class Target:
     pool: list[CredentialState]
     context_window: int | None = None
     long_context_window: int | None = None
+    long_context_headers: dict[str, str] = field(default_factory=dict)
+    token_scale: float = 1.0
+
+    def learn_tokens(self, estimated: int, reported: int) -> None:
+        """Correct this target's token estimate by the prompt tokens its provider reported."""
+        if estimated <= 0 or reported <= 0:
+            return
+        ratio = max(0.25, min(4.0, reported / estimated))
+        self.token_scale = 0.8 * self.token_scale + 0.2 * ratio
 
     def window_for(self, tokens: int) -> tuple[bool, bool]:
         """(fits at all, needs the long-context lane) for a request of ``tokens``."""
@@ -56,12 +65,16 @@ class Plan:
     ``candidates`` in the order to try. When empty: ``free_at`` is the earliest time one frees
     up (``math.inf``: only a finished request can free one; None: nothing ever will), and
     ``blocked`` the failure class that stands in the way, for the error the client gets.
+    ``largest_window`` is the largest context window in the chain, ``available_window`` the
+    largest one that could serve a request right now, ``long_lane_back_at`` when the
+    first cooling long-context lane is expected back.
     """
 
     candidates: list[Candidate] = field(default_factory=list)
     free_at: float | None = None
     blocked: FailureClass | None = None
     largest_window: int | None = None
+    available_window: int | None = None
     long_lane_back_at: float | None = None
 
 
@@ -144,6 +157,7 @@ def plan(
     tokens: int,
     now: float,
     *,
+    prompt_tokens: int | None = None,
     exclusions: Exclusions | None = None,
     rotations: Mapping[str, int] | None = None,
     rng: random.Random | None = None,
@@ -152,7 +166,8 @@ def plan(
 
     Targets come in chain order; a target is skipped when the request ruled it out, when it
     cannot fit the request, or when its breaker admits no call. Within a target, the usable
-    credentials come in the order of the pool's strategy.
+    credentials come in the order of the pool's strategy. Where ``prompt_tokens`` is given,
+    each target scales that part by what its provider's usage reports taught it.
     """
     exclusions = exclusions or Exclusions()
     rotations = rotations or {}
@@ -160,12 +175,16 @@ def plan(
     result = Plan()
     any_fit = False
     for target in chain:
-        if exclusions.excludes(target.name):
-            continue
-        fits, long = target.window_for(tokens)
+        need = tokens
+        if prompt_tokens is not None and target.token_scale != 1.0:
+            need = tokens + round(prompt_tokens * (target.token_scale - 1.0))
         window = target.long_context_window or target.context_window
         if window is not None:
             result.largest_window = max(result.largest_window or 0, window)
+        _note_available_window(result, target, now)
+        if exclusions.excludes(target.name):
+            continue
+        fits, long = target.window_for(need)
         if not fits:
             result.blocked = _blocker(result.blocked, FailureClass.CONTEXT_OVERFLOW)
             continue
@@ -185,7 +204,7 @@ def plan(
                 result.free_at = _earliest(result.free_at, credential.long_lane_until)
                 result.blocked = _blocker(result.blocked, FailureClass.LONG_CONTEXT_LIMITED)
                 continue
-            free_at = credential.free_at(now, tokens)
+            free_at = credential.free_at(now, need)
             if free_at <= now:
                 usable.append(credential)
                 continue
@@ -199,3 +218,19 @@ def plan(
     if not any_fit:
         result.free_at = None
     return result
+
+
+def _note_available_window(result: Plan, target: Target, now: float) -> None:
+    """Raise ``available_window`` to the largest window this target can serve right now."""
+    if target.context_window is None or not target.breaker.admits(now):
+        return
+    window = None
+    for credential in target.pool:
+        if credential.free_at(now, 1) > now:
+            continue
+        window = target.context_window
+        if target.long_context_window is not None and credential.long_lane_open(now):
+            window = target.long_context_window
+            break
+    if window is not None:
+        result.available_window = max(result.available_window or 0, window)

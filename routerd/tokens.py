@@ -56,9 +56,14 @@ def estimate_prompt(request: dict[str, Any]) -> int:
     return tokens + -(-chars // CHARS_PER_TOKEN)
 
 
-def estimate_total(request: dict[str, Any]) -> int:
-    """Prompt estimate plus the output the request asks room for (max_tokens)."""
+def output_allowance(request: dict[str, Any]) -> int:
+    """The output room the request asks for (max_tokens), 0 when it names none."""
     limit = request.get("max_tokens") or request.get("max_completion_tokens") or 0
     if not isinstance(limit, int) or isinstance(limit, bool):
-        limit = 0
-    return estimate_prompt(request) + max(0, limit)
+        return 0
+    return max(0, limit)
+
+
+def estimate_total(request: dict[str, Any]) -> int:
+    """Prompt estimate plus the output the request asks room for (max_tokens)."""
+    return estimate_prompt(request) + output_allowance(request)
