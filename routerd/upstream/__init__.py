@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import httpx
 
+from routerd.upstream.anthropic import AnthropicAdapter
 from routerd.upstream.base import Adapter, Call, Completion, Delta, Stream
 from routerd.upstream.openai import OpenAIAdapter, OpenAIStream
 
@@ -22,11 +23,10 @@ __all__ = [
 
 # One row per API kind (config.ProviderKind). Adding a provider API is a module and a row.
 _ADAPTERS: dict[str, Callable[[httpx.AsyncClient], Adapter]] = {
+    "anthropic": lambda http: AnthropicAdapter(http),
     "openai": lambda http: OpenAIAdapter(http, kind="openai"),
     "openai-compatible": lambda http: OpenAIAdapter(http, kind="openai-compatible"),
 }
-# Kinds the config accepts whose adapter is not written yet.
-_PLANNED = frozenset({"anthropic"})
 
 
 def adapter_for(kind: str, http: httpx.AsyncClient) -> Adapter:
@@ -34,7 +34,5 @@ def adapter_for(kind: str, http: httpx.AsyncClient) -> Adapter:
     factory = _ADAPTERS.get(kind)
     if factory is not None:
         return factory(http)
-    if kind in _PLANNED:
-        raise ValueError(f"no upstream adapter for kind {kind!r} yet")
-    known = ", ".join(sorted(_ADAPTERS.keys() | _PLANNED))
+    known = ", ".join(sorted(_ADAPTERS))
     raise ValueError(f"unknown upstream kind {kind!r} (known: {known})")

@@ -20,9 +20,9 @@ class Call:
 
     base_url: str
     model: str
-    key: str
-    body: dict[str, Any]
-    timeout: float
+    key: str = field(repr=False)
+    body: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 120.0
     headers: dict[str, str] = field(default_factory=dict)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import lru_cache
 from typing import Any
 
 import httpx
@@ -20,6 +19,7 @@ from routerd.classify import classify, transport_failure
 from routerd.limits import openai_limits
 from routerd.outcome import Failure, RateLimitReport, UpstreamFailure
 from routerd.upstream.base import Call, Completion, Delta
+from routerd.upstream.common import HTTP_ERRORS, timeout, translate_http_error
 from routerd.upstream.sse import SSEDecoder
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
@@ -59,45 +59,6 @@ class _Chunk(msgspec.Struct):
 _decode_reply = msgspec.json.Decoder(_Reply).decode
 _decode_chunk = msgspec.json.Decoder(_Chunk).decode
 _encode = msgspec.json.Encoder().encode
-
-# Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).
-_HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
-# Most specific first: the first match names the failure.
-_TRANSPORT_KINDS: tuple[tuple[type[Exception], str], ...] = (
-    (httpx.ConnectTimeout, "connect timeout"),
-    (httpx.ReadTimeout, "read timeout"),
-    (httpx.WriteTimeout, "write timeout"),
-    (httpx.PoolTimeout, "local connection pool timeout"),
-    (httpx.TimeoutException, "timeout"),
-    (httpx.ConnectError, "connect error"),
-    (httpx.RemoteProtocolError, "protocol error"),
-    (httpx.LocalProtocolError, "local protocol error"),
-    (httpx.ReadError, "read error"),
-    (httpx.WriteError, "write error"),
-    (httpx.ProxyError, "proxy error"),
-    (httpx.UnsupportedProtocol, "unsupported protocol"),
-    (httpx.NetworkError, "network error"),
-    (httpx.DecodingError, "decoding error"),
-    (httpx.TooManyRedirects, "too many redirects"),
-    (httpx.InvalidURL, "invalid url"),
-)
-
-
-@lru_cache(maxsize=64)
-def _timeout(seconds: float) -> httpx.Timeout:
-    # Connecting should take milliseconds; a long connect wait only delays the fallback.
-    return httpx.Timeout(seconds, connect=min(5.0, seconds))
-
-
-def _transport_failure(exc: Exception, call: Call, *, streaming: bool = False) -> Failure:
-    """The one translation of an httpx exception into a target_down Failure."""
-    kind = next((name for cls, name in _TRANSPORT_KINDS if isinstance(exc, cls)), "http error")
-    if isinstance(exc, httpx.TimeoutException):
-        limit = min(5.0, call.timeout) if isinstance(exc, httpx.ConnectTimeout) else call.timeout
-        kind = f"{kind} after {limit:g}s"
-    if streaming:
-        kind = f"stream cut ({kind})"
-    return transport_failure(kind, str(exc), key=call.key)
 
 
 def _text(content: str | list[Any] | None) -> str:
@@ -173,8 +134,8 @@ class OpenAIStream:
                 delta = self._on_event(*event)
                 if delta is not None:
                     yield delta
-        except _HTTP_ERRORS as exc:
-            failure = _transport_failure(exc, self._call, streaming=True)
+        except HTTP_ERRORS as exc:
+            failure = translate_http_error(exc, self._call, streaming=True)
         # Raised outside the except block so the httpx exception is not chained onto it.
         if failure is not None:
             raise UpstreamFailure(failure)
@@ -281,10 +242,10 @@ class OpenAIAdapter:
         url, content, headers = self._prepare(call, stream=False)
         try:
             response = await self._http.post(
-                url, content=content, headers=headers, timeout=_timeout(call.timeout)
+                url, content=content, headers=headers, timeout=timeout(call.timeout)
             )
-        except _HTTP_ERRORS as exc:
-            failure = _transport_failure(exc, call)
+        except HTTP_ERRORS as exc:
+            failure = translate_http_error(exc, call)
         else:
             return self._completion(response, call)
         raise UpstreamFailure(failure)
@@ -329,7 +290,7 @@ class OpenAIAdapter:
         per_day = self._per_day(call)
         try:
             async with self._http.stream(
-                "POST", url, content=content, headers=headers, timeout=_timeout(call.timeout)
+                "POST", url, content=content, headers=headers, timeout=timeout(call.timeout)
             ) as response:
                 if response.is_success:
                     limits = openai_limits(response.headers, requests_per_day=per_day)
@@ -338,7 +299,7 @@ class OpenAIAdapter:
                 body: bytes | None
                 try:
                     body = await response.aread()
-                except _HTTP_ERRORS:
+                except HTTP_ERRORS:
                     body = None  # the status alone still classifies it
                 failure = classify(
                     response.status_code,
@@ -348,8 +309,8 @@ class OpenAIAdapter:
                     now=time.time(),
                     requests_per_day=per_day,
                 )
-        except _HTTP_ERRORS as exc:
-            failure = _transport_failure(exc, call)
+        except HTTP_ERRORS as exc:
+            failure = translate_http_error(exc, call)
         raise UpstreamFailure(failure)
 
 

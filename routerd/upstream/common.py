@@ -1,0 +1,51 @@
+"""What every upstream adapter shares: its httpx timeout and the one translation of httpx errors."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import httpx
+
+from routerd.classify import transport_failure
+from routerd.outcome import Failure
+from routerd.upstream.base import Call
+
+# Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).
+HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
+# Most specific first: the first match names the failure.
+_TRANSPORT_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (httpx.ConnectTimeout, "connect timeout"),
+    (httpx.ReadTimeout, "read timeout"),
+    (httpx.WriteTimeout, "write timeout"),
+    (httpx.PoolTimeout, "local connection pool timeout"),
+    (httpx.TimeoutException, "timeout"),
+    (httpx.ConnectError, "connect error"),
+    (httpx.RemoteProtocolError, "protocol error"),
+    (httpx.LocalProtocolError, "local protocol error"),
+    (httpx.ReadError, "read error"),
+    (httpx.WriteError, "write error"),
+    (httpx.ProxyError, "proxy error"),
+    (httpx.UnsupportedProtocol, "unsupported protocol"),
+    (httpx.NetworkError, "network error"),
+    (httpx.DecodingError, "decoding error"),
+    (httpx.TooManyRedirects, "too many redirects"),
+    (httpx.InvalidURL, "invalid url"),
+)
+
+
+@lru_cache(maxsize=64)
+def timeout(seconds: float) -> httpx.Timeout:
+    """The timeout of one attempt: ``seconds`` for each read, short for connecting."""
+    # Connecting should take milliseconds; a long connect wait only delays the fallback.
+    return httpx.Timeout(seconds, connect=min(5.0, seconds))
+
+
+def translate_http_error(exc: Exception, call: Call, *, streaming: bool = False) -> Failure:
+    """The one translation of an httpx exception into a target_down Failure."""
+    kind = next((name for cls, name in _TRANSPORT_KINDS if isinstance(exc, cls)), "http error")
+    if isinstance(exc, httpx.TimeoutException):
+        limit = min(5.0, call.timeout) if isinstance(exc, httpx.ConnectTimeout) else call.timeout
+        kind = f"{kind} after {limit:g}s"
+    if streaming:
+        kind = f"stream cut ({kind})"
+    return transport_failure(kind, str(exc), key=call.key)
