@@ -10,7 +10,7 @@ from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from routerd.mock import openai_api
+from routerd.mock import anthropic_api, openai_api
 from routerd.mock.asgi import (
     BodyTooLargeError,
     Receive,
@@ -54,6 +54,7 @@ async def _set_model(state: MockState, request: Request, reply: Responder) -> No
 _ROUTES: dict[tuple[str, str], Handler] = {
     ("POST", "/v1/chat/completions"): openai_api.chat_completions,
     ("GET", "/v1/models"): openai_api.list_models,
+    ("POST", "/v1/messages"): anthropic_api.messages,
     ("GET", "/_mock/stats"): _stats,
     ("POST", "/_mock/reset"): _reset,
 }

@@ -9,7 +9,8 @@ from typing import Literal, cast, get_args
 
 FailDirective = Literal["503", "500", "529", "timeout", "reset", "midstream", "cut", "context"]
 
-_DIRECTIVE = re.compile(r"\[\[mock:([a-z_]+)=([^\]]*)\]\]")
+# ``[[mock:name=value]]``, or ``[[mock:name]]`` for a flag.
+_DIRECTIVE = re.compile(r"\[\[mock:([a-z_]+)(?:=([^\]]*))?\]\]")
 _FAILS: frozenset[str] = frozenset(get_args(FailDirective))
 
 
@@ -24,16 +25,24 @@ class Directives:
     fail: FailDirective | None = None
     sleep_ms: float | None = None
     tool: str | None = None
+    # Anthropic streams: send one event of a type no client knows yet ("future_event").
+    unknown_event: bool = False
 
 
 def parse_directives(text: str) -> Directives:
-    """Read every ``[[mock:name=value]]`` marker in ``text``; raise DirectiveError on a bad one."""
+    """Read every ``[[mock:...]]`` marker in ``text``; raise DirectiveError on a bad one."""
     fail: FailDirective | None = None
     sleep_ms: float | None = None
     tool: str | None = None
+    unknown_event = False
     for match in _DIRECTIVE.finditer(text):
-        name, value = match.group(1), match.group(2).strip()
-        if name == "fail" and value in _FAILS:
+        name, raw = match.group(1), match.group(2)
+        value = raw.strip() if raw is not None else None
+        if name == "unknown_event" and value is None:
+            unknown_event = True
+        elif value is None:
+            raise DirectiveError(f"Unknown mock directive {match.group(0)!r}.")
+        elif name == "fail" and value in _FAILS:
             fail = cast(FailDirective, value)
         elif name == "sleep" and _is_number(value):
             sleep_ms = float(value)
@@ -41,7 +50,7 @@ def parse_directives(text: str) -> Directives:
             tool = value
         else:
             raise DirectiveError(f"Unknown mock directive {match.group(0)!r}.")
-    return Directives(fail=fail, sleep_ms=sleep_ms, tool=tool)
+    return Directives(fail=fail, sleep_ms=sleep_ms, tool=tool, unknown_event=unknown_event)
 
 
 def strip_directives(text: str) -> str:
