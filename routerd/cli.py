@@ -46,12 +46,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     log.configure(config.server.log_level)
     daemon = Daemon(config, secrets, socket_path=Path(args.socket) if args.socket else None)
+    code = 0
     try:
         anyio.run(daemon.run)
-    except RuntimeError as exc:
-        print(f"routerd: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* RuntimeError as group:
+        # A start-up failure (the socket is taken) is raised inside the daemon's task group,
+        # so it arrives wrapped in an ExceptionGroup.
+        for error in group.exceptions:
+            print(f"routerd: {error}", file=sys.stderr)
+        code = 1
+    return code
 
 
 def cmd_status(args: argparse.Namespace) -> int:

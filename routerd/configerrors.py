@@ -226,7 +226,8 @@ def _show(value: Any) -> str:
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        return repr(value) if len(value) <= 40 else f"a {len(value)}-character string"
+        # A key pasted into the wrong field must not be printed back; no API key is this short.
+        return repr(value) if len(value) <= 16 else f"a {len(value)}-character string"
     if isinstance(value, dict):
         return "a table"
     if isinstance(value, list):

@@ -111,11 +111,15 @@ class LearnedWindow:
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """One request on a credential: its token estimate and what had been answered before it."""
+    """One request on a credential: its token estimate and what had been answered before it.
+
+    ``long`` when the request uses the credential's long-context lane.
+    """
 
     tokens: int
     requests_mark: int
     tokens_mark: int
+    long: bool = False
 
 
 @dataclass(slots=True)
@@ -171,6 +175,11 @@ class CredentialState:
     probing: bool = False
     long_lane_until: float = 0.0
     long_lane_level: int = 0
+    # The long-context lane has a probation of its own: a key may serve short requests and
+    # still refuse every long one, so a burst of long requests must not all land on it.
+    long_proven: bool = False
+    long_probation_until: float = 0.0
+    long_in_flight: int = 0
 
     requests: LearnedWindow = field(default_factory=LearnedWindow)
     tokens: LearnedWindow = field(default_factory=LearnedWindow)
@@ -192,10 +201,11 @@ class CredentialState:
             return Health.READY
         return self.health
 
-    def free_at(self, now: float, tokens: int) -> float:
+    def free_at(self, now: float, tokens: int, *, long: bool = False) -> float:
         """When this credential can take a request of ``tokens`` (``now`` if it can now).
 
         ``math.inf`` means only a finished request (max_concurrent) or a reload frees it.
+        ``long``: the request needs the long-context lane (whose cooling the plan checks).
         """
         health = self.current_health(now)
         if health is Health.DISABLED:
@@ -209,6 +219,13 @@ class CredentialState:
             return math.inf
         if not self.proven and self.in_flight and now < self.probation_until:
             return self.probation_until
+        if (
+            long
+            and not self.long_proven
+            and self.long_in_flight
+            and now < self.long_probation_until
+        ):
+            return self.long_probation_until
         left = self.requests.left(now)
         if left is not None and left <= 0:
             at = max(at, self.requests.reset_at)
@@ -235,14 +252,18 @@ class CredentialState:
 
     # ---- changing ---------------------------------------------------------------------
 
-    def lease(self, now: float, tokens: int) -> Lease:
-        """A request is being sent with this credential."""
+    def lease(self, now: float, tokens: int, *, long: bool = False) -> Lease:
+        """A request is being sent with this credential (``long``: on its long-context lane)."""
         if not self.proven and not self.in_flight:
             self.probation_until = now + PROBATION_S
+        if long:
+            if not self.long_proven and not self.long_in_flight:
+                self.long_probation_until = now + PROBATION_S
+            self.long_in_flight += 1
         self.in_flight += 1
         self.uses += 1
         self.last_used = now
-        lease = Lease(tokens, self.requests.spend(1, now), self.tokens.spend(tokens, now))
+        lease = Lease(tokens, self.requests.spend(1, now), self.tokens.spend(tokens, now), long)
         if self.rpm is not None:
             self.rpm.spend(1, now)
         if self.tpm is not None:
@@ -256,6 +277,8 @@ class CredentialState:
         self.in_flight = max(0, self.in_flight - 1)
         self.probing = False
         if lease is not None:
+            if lease.long:
+                self.long_in_flight = max(0, self.long_in_flight - 1)
             self.requests.answer(1)
             self.tokens.answer(lease.tokens)
 
@@ -287,6 +310,9 @@ class CredentialState:
         self.successes += 1
         self.proven = True
         self.backoff_level = 0
+        if lease is not None and lease.long:
+            self.long_proven = True
+            self.long_lane_level = 0
         self.latency_ms = (
             latency_ms if self.latency_ms is None else 0.8 * self.latency_ms + 0.2 * latency_ms
         )

@@ -28,6 +28,7 @@ from routerd.breaker import Breaker
 from routerd.config import Config, split_target
 from routerd.credential import CredentialState, LocalLimit
 from routerd.dispatch import Dispatcher, ProviderRuntime, Route
+from routerd.front import HttpFront, Metrics
 from routerd.plan import Target
 from routerd.secrets import Secret
 from routerd.server import Connection
@@ -106,6 +107,9 @@ class Daemon:
         self.draining = False
         self._dirty = False
         self._owns_socket = False
+        # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
+        self.front: HttpFront | None = None
+        self.metrics = Metrics(lambda: self.status(0))
         self.http = httpx.AsyncClient(
             timeout=None,
             limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
@@ -139,6 +143,7 @@ class Daemon:
             rng=random.Random(),
             on_change=self._changed,
             default_deadline_s=max((r.deadline_s for r in config.routes.values()), default=120.0),
+            observer=self.metrics.observe,
         )
 
     def _build_actors(self, secrets: list[Secret]) -> dict[tuple[str, str], CredentialActor]:
@@ -273,21 +278,34 @@ class Daemon:
                 log.info("socket_activated", name=name)
                 return await SocketListener.from_socket(sock)
         path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-        if path.exists() or path.is_symlink():
-            if await _socket_in_use(path):
-                raise RuntimeError(f"another routerd is already listening on {path}")
-            path.unlink()
-        listener = await anyio.create_unix_listener(path, mode=self.config.server.socket_mode)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            if path.exists() or path.is_symlink():
+                if await _socket_in_use(path):
+                    raise RuntimeError(f"another routerd is already listening on {path}")
+                path.unlink()
+            listener = await anyio.create_unix_listener(path, mode=self.config.server.socket_mode)
+        except OSError as exc:
+            # `routerd serve` prints a RuntimeError as one line; a bare OSError names no path.
+            raise RuntimeError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
         self._owns_socket = True
         return listener
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
         self.restore_state()
+        # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
+        self.front = HttpFront.open(
+            self.config.server,
+            self.dispatcher,
+            metrics=self.metrics,
+            draining=lambda: self.draining,
+        )
         async with self.http, anyio.create_task_group() as root:
             for actor in self.actors.values():
                 await root.start(actor.run)
+            if self.front is not None:
+                await root.start(self.front.serve)
             root.start_soon(self._flush_state)
             interval = sdnotify.watchdog_interval()
             if interval is not None:
@@ -330,6 +348,9 @@ class Daemon:
             await self.dispatcher.wait_idle()
         if self.dispatcher.in_flight:
             log.warning("drain_timeout", cancelled=self.dispatcher.in_flight)
+        if self.front is not None:
+            # The HTTP front kept answering 503 during the drain; now it closes.
+            await self.front.stop()
 
 
 async def _socket_in_use(path: Path) -> bool:

@@ -16,6 +16,9 @@ from routerd.breaker import Breaker
 from routerd.credential import CredentialState, Health
 from routerd.outcome import FailureClass
 
+# Prompts estimated below this many tokens do not teach a target its token scale.
+LEARN_MIN_TOKENS = 512
+
 
 @dataclass(slots=True)
 class Target:
@@ -35,7 +38,9 @@ class Target:
 
     def learn_tokens(self, estimated: int, reported: int) -> None:
         """Correct this target's token estimate by the prompt tokens its provider reported."""
-        if estimated <= 0 or reported <= 0:
+        # A short prompt's count is mostly fixed overhead (message framing on either side),
+        # which says nothing about the ratio that matters: a long prompt's, near a window.
+        if estimated < LEARN_MIN_TOKENS or reported <= 0:
             return
         ratio = max(0.25, min(4.0, reported / estimated))
         self.token_scale = 0.8 * self.token_scale + 0.2 * ratio
@@ -204,7 +209,7 @@ def plan(
                 result.free_at = _earliest(result.free_at, credential.long_lane_until)
                 result.blocked = _blocker(result.blocked, FailureClass.LONG_CONTEXT_LIMITED)
                 continue
-            free_at = credential.free_at(now, need)
+            free_at = credential.free_at(now, need, long=long)
             if free_at <= now:
                 usable.append(credential)
                 continue

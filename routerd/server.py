@@ -124,20 +124,26 @@ class Connection:
     def _decode(self, body: bytes) -> Any:
         """A message, or an Error to reply with (schema broken, connection kept).
 
-        Raises _Corrupt when the bytes are not msgpack at all.
+        Raises _Corrupt when the bytes are not msgpack at all, or the message names no id
+        an error could answer.
         """
+        # msgspec raises UnicodeDecodeError, not DecodeError, for a string that is not UTF-8.
         try:
             return client_decoder.decode(body)
         except msgspec.ValidationError as exc:
             request_id: int | None = None
             try:
                 raw = _any_decoder.decode(body)
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, UnicodeDecodeError):
                 raise _Corrupt(f"undecodable frame: {exc}") from None
             if isinstance(raw, dict) and isinstance(raw.get("id"), int):
                 request_id = raw["id"]
+            if request_id is None:
+                # An Error without an id speaks for the whole connection, and clients drop
+                # the connection on one: so does the daemon.
+                raise _Corrupt(f"invalid message: {exc}") from None
             return Error(id=request_id, kind="protocol_error", message=f"invalid message: {exc}")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             raise _Corrupt(f"corrupt frame: {exc}") from None
 
     async def serve(self) -> None:
@@ -220,9 +226,8 @@ class Connection:
         elif isinstance(message, Error):
             await self.send(message)
         else:
-            await self.send(
-                Error(None, "protocol_error", f"unexpected {type(message).__name__} frame")
-            )
+            # A second Hello: the client lost track of the connection's state.
+            raise _Corrupt(f"unexpected {type(message).__name__} frame")
 
     async def _run_chat(self, chat: Chat, scope: anyio.CancelScope) -> None:
         request_id = chat.id

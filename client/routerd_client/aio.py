@@ -113,7 +113,8 @@ class _AsyncConnection:
                 writer.close()
             if isinstance(exc, FrameTooLarge):
                 raise frame_too_large(exc) from exc
-            if isinstance(exc, msgspec.DecodeError):
+            # msgspec raises UnicodeDecodeError, not DecodeError, for a string not in UTF-8.
+            if isinstance(exc, msgspec.DecodeError | UnicodeDecodeError):
                 raise undecodable(exc) from exc
             if isinstance(exc, OSError):
                 raise connection_lost(path) from exc
@@ -217,7 +218,7 @@ class _AsyncConnection:
                         break
         except FrameTooLarge as exc:
             failure = partial(frame_too_large, exc)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             failure = partial(undecodable, exc)
         except (OSError, EOFError):
             pass  # IncompleteReadError is an EOFError: the daemon closed the connection

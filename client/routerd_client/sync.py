@@ -108,7 +108,7 @@ class _Connection:
                     ) from exc
                 except FrameTooLarge as exc:
                     raise frame_too_large(exc) from exc
-                except msgspec.DecodeError as exc:
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
                     raise undecodable(exc) from exc
                 except OSError as exc:
                     raise connection_lost(path) from exc
@@ -224,7 +224,7 @@ class _Connection:
                         break
         except FrameTooLarge as exc:
             failure = partial(frame_too_large, exc)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
             failure = partial(undecodable, exc)
         except (OSError, ValueError):
             pass  # recv on a socket shut down or closed under us: the connection is gone
