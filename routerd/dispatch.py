@@ -32,6 +32,9 @@ from routerd.upstream.base import Adapter, Call, Completion, Delta
 log = structlog.get_logger("routerd.dispatch")
 
 OnDelta = Callable[[Delta], Awaitable[None]]
+# Called once per finished request: (route, target of the last attempt or None, outcome,
+# latency in seconds of that last upstream attempt). The metrics hang on it.
+Observer = Callable[[str, str | None, str, float], None]
 
 
 @dataclass(slots=True)
@@ -128,6 +131,7 @@ class Dispatcher:
         rng: random.Random | None = None,
         on_change: Callable[[], None] = lambda: None,
         default_deadline_s: float = 120.0,
+        observer: Observer | None = None,
     ) -> None:
         self.routes = routes
         self.targets = targets
@@ -138,6 +142,7 @@ class Dispatcher:
         self._clock = clock
         self._rng = rng or random.Random()
         self._on_change = on_change
+        self._observer = observer
         self._default_deadline_s = default_deadline_s
         self._seq = itertools.count()
         self._idle: anyio.Event | None = None
@@ -262,6 +267,9 @@ class Dispatcher:
                 attempts=len(attempts),
                 ms=round((self._clock() - started) * 1000, 2),
             )
+            if self._observer is not None:
+                upstream_s = (last.latency_ms or 0.0) / 1000 if last else 0.0
+                self._observer(route.name, last.target if last else None, outcome, upstream_s)
 
     async def _serve(
         self,
@@ -367,7 +375,7 @@ class Dispatcher:
         provider = self.providers[target.provider]
         now = self._clock()
         before = credential.current_health(now)
-        lease = credential.lease(now, tokens)
+        lease = credential.lease(now, tokens, long=candidate.long)
         self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
         probe = target.breaker.dispatched(now)
         headers = provider.headers
