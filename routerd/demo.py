@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import anyio
+import httpx
 
 from routerd.launch import DaemonProcess
 from routerd.mock import KeySpec, MockSpec, ModelSpec, start_mock_process
@@ -35,6 +36,7 @@ CONFIG = """\
 # one revoked and one out of quota; every key has a rate limit the clients will exceed.
 [server]
 state_file = "{state}"
+http_socket = "{http_socket}"
 
 [providers.openai]
 kind = "openai-compatible"
@@ -74,7 +76,12 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
     _print("routerd demo: starting a mock provider on loopback ...")
     with start_mock_process(spec) as mock:
         config = workdir / "config.toml"
-        config.write_text(CONFIG.format(state=workdir / "state.msgpack", base_url=mock.base_url))
+        http_socket = workdir / "http.sock"
+        config.write_text(
+            CONFIG.format(
+                state=workdir / "state.msgpack", base_url=mock.base_url, http_socket=http_socket
+            )
+        )
         env = {f"DEMO_KEY_{spec_.label.upper()}": key for key, spec_ in DEMO_KEYS.items()}
         socket_path = workdir / "routerd.sock"
         _print(f"routerd demo: starting routerd (config {config}, socket {socket_path}) ...")
@@ -114,6 +121,8 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
                     merged.update(statuses)
                 _print(f"  {label:8} " + "  ".join(f"{s}: {n}" for s, n in sorted(merged.items())))
             _print()
+            _show_http_front(http_socket)
+            _print()
             _print("$ routerd status")
             subprocess.run(
                 [sys.executable, "-m", "routerd", "status", "--socket", str(socket_path)],
@@ -127,6 +136,24 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
         finally:
             daemon.close()
     return 1 if failed else 0
+
+
+def _show_http_front(http_socket: Path) -> None:
+    """One request the way an unmodified OpenAI SDK sends it, through the HTTP front."""
+    body = {"model": "default", "messages": [{"role": "user", "content": "hello over HTTP"}]}
+    _print(f"the same daemon, through its OpenAI-compatible HTTP front ({http_socket}):")
+    _print(
+        '$ curl --unix-socket ... http://routerd/v1/chat/completions -d \'{"model": "default", ...}\''
+    )
+    transport = httpx.HTTPTransport(uds=str(http_socket))
+    with httpx.Client(transport=transport, base_url="http://routerd", timeout=30) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    reply = response.json()
+    _print(
+        f"  HTTP {response.status_code}: {reply['choices'][0]['message']['content']!r} "
+        f"(served by {response.headers.get('x-routerd-target')} "
+        f"via {response.headers.get('x-routerd-credential')})"
+    )
 
 
 async def _client(socket_path: str, requests: int, name: str) -> int:
