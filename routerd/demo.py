@@ -142,9 +142,7 @@ def _show_http_front(http_socket: Path) -> None:
     """One request the way an unmodified OpenAI SDK sends it, through the HTTP front."""
     body = {"model": "default", "messages": [{"role": "user", "content": "hello over HTTP"}]}
     _print(f"the same daemon, through its OpenAI-compatible HTTP front ({http_socket}):")
-    _print(
-        '$ curl --unix-socket ... http://routerd/v1/chat/completions -d \'{"model": "default", ...}\''
-    )
+    _print(f"$ curl --unix-socket {http_socket} http://routerd/v1/chat/completions -d '...'")
     transport = httpx.HTTPTransport(uds=str(http_socket))
     with httpx.Client(transport=transport, base_url="http://routerd", timeout=30) as http:
         response = http.post("/v1/chat/completions", json=body)
