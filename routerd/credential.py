@@ -337,6 +337,7 @@ class CredentialState:
             self._cool(now, failure.retry_after, rng, f"rate limited ({failure.status or 429})")
         elif cls is FailureClass.LONG_CONTEXT_LIMITED:
             self.failures += 1
+            self.proven = True  # the provider knows the key; only its long lane is shut
             wait = failure.retry_after
             if wait is None:
                 wait = _backoff(self.long_lane_level, rng)

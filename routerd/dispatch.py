@@ -352,7 +352,11 @@ class Dispatcher:
         if cls is FailureClass.TARGET_DOWN:
             exclusions.down.add(candidate.target.name)
         elif cls is FailureClass.CONTEXT_OVERFLOW:
-            exclusions.targets.add(candidate.target.name)
+            if candidate.long or candidate.target.long_context_window is None:
+                exclusions.targets.add(candidate.target.name)
+            else:
+                # Our estimate put it inside the normal window; the provider counts more.
+                exclusions.long_only.add(candidate.target.name)
         elif cls in (FailureClass.QUOTA_EXHAUSTED, FailureClass.AUTH_FAILED) or (
             cls is FailureClass.RATE_LIMITED and failure.oversized
         ):

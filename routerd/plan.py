@@ -88,11 +88,14 @@ class Exclusions:
     """What this one request has already ruled out.
 
     ``down``: targets that failed it as target_down (a retry round clears them);
-    ``targets``: targets it cannot fit; ``credentials``: keys that cannot serve it.
+    ``targets``: targets it cannot fit; ``long_only``: targets whose provider found it too
+    long for the normal window, so only their long-context window may take it;
+    ``credentials``: keys that cannot serve it.
     """
 
     down: set[str] = field(default_factory=set)
     targets: set[str] = field(default_factory=set)
+    long_only: set[str] = field(default_factory=set)
     credentials: set[tuple[str, str]] = field(default_factory=set)
 
     def excludes(self, target: str) -> bool:
@@ -190,6 +193,8 @@ def plan(
         if exclusions.excludes(target.name):
             continue
         fits, long = target.window_for(need)
+        if target.name in exclusions.long_only:
+            fits = long = target.long_context_window is not None
         if not fits:
             result.blocked = _blocker(result.blocked, FailureClass.CONTEXT_OVERFLOW)
             continue

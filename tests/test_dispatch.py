@@ -204,3 +204,18 @@ async def test_reported_usage_corrects_the_token_estimate() -> None:
             await dispatcher.chat("r", request(SHORT))
         # The scripted provider counts two characters a token, the estimate four.
         assert target.token_scale > 1.5
+
+
+async def test_a_prompt_the_provider_counts_past_the_window_retries_on_the_long_lane() -> None:
+    def decide(call: Call, label: str) -> Failure | None:
+        if "anthropic-beta" not in call.headers:
+            return Failure(
+                FailureClass.CONTEXT_OVERFLOW, "prompt is too long: 208310 tokens > 200000", 400
+            )
+        return None
+
+    async with running(decide) as (dispatcher, adapter):
+        # Estimated at ~190k tokens (inside the normal window); the provider counts more.
+        reply = await dispatcher.chat("r", request(760_000))
+        assert [a.outcome for a in reply.attempts] == ["context_overflow", "ok"]
+        assert adapter.calls == [("claude", "a", False), ("claude", "a", True)]
