@@ -24,8 +24,7 @@ from routerd.limits import anthropic_limits
 from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
 from routerd.translate_request import DEFAULT_MAX_TOKENS, TranslationError, openai_to_anthropic
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import HTTP_ERRORS, timeout, translate_http_error
-from routerd.upstream.sse import SSEDecoder
+from routerd.upstream.common import HTTP_ERRORS, sse_events, timeout, translate_http_error
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -85,29 +84,15 @@ class AnthropicStream:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[Delta]:
-        decoder = SSEDecoder()
         translator = self._translator
-        failure: Failure | None = None
-        try:
-            async for line in self._response.aiter_lines():
-                event = decoder.feed(line)
-                # After message_stop the rest is still read, so the connection goes back to
-                # the pool.
-                if event is None or translator.done:
-                    continue
-                delta = self._on_event(*event)
-                if delta is not None:
-                    yield delta
-            event = decoder.flush()
-            if event is not None and not translator.done:
-                delta = self._on_event(*event)
-                if delta is not None:
-                    yield delta
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, self._call, streaming=True)
-        # Raised outside the except block so the httpx exception is not chained onto it.
-        if failure is not None:
-            raise UpstreamFailure(failure)
+        async for event in sse_events(self._response, self._call):
+            # After message_stop the rest is still read, so the connection goes back to the
+            # pool.
+            if translator.done:
+                continue
+            delta = self._on_event(*event)
+            if delta is not None:
+                yield delta
         if not translator.done:
             raise UpstreamFailure(
                 transport_failure(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from functools import lru_cache
 
 import httpx
 
 from routerd.classify import transport_failure
-from routerd.outcome import Failure
+from routerd.outcome import Failure, UpstreamFailure
 from routerd.upstream.base import Call
+from routerd.upstream.sse import SSEDecoder
 
 # Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).
 HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
@@ -49,3 +51,25 @@ def translate_http_error(exc: Exception, call: Call, *, streaming: bool = False)
     if streaming:
         kind = f"stream cut ({kind})"
     return transport_failure(kind, str(exc), key=call.key)
+
+
+async def sse_events(response: httpx.Response, call: Call) -> AsyncIterator[tuple[str | None, str]]:
+    """The (event, data) pairs of a streamed response, to its end.
+
+    An httpx error on the way (a cut, a timeout) is raised as UpstreamFailure.
+    """
+    decoder = SSEDecoder()
+    failure: Failure | None = None
+    try:
+        async for line in response.aiter_lines():
+            event = decoder.feed(line)
+            if event is not None:
+                yield event
+        event = decoder.flush()
+        if event is not None:
+            yield event
+    except HTTP_ERRORS as exc:
+        failure = translate_http_error(exc, call, streaming=True)
+    # Raised outside the except block so the httpx exception is not chained onto it.
+    if failure is not None:
+        raise UpstreamFailure(failure)

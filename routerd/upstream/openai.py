@@ -17,10 +17,9 @@ import msgspec
 
 from routerd.classify import classify, transport_failure
 from routerd.limits import openai_limits
-from routerd.outcome import Failure, RateLimitReport, UpstreamFailure
+from routerd.outcome import RateLimitReport, UpstreamFailure
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import HTTP_ERRORS, timeout, translate_http_error
-from routerd.upstream.sse import SSEDecoder
+from routerd.upstream.common import HTTP_ERRORS, sse_events, timeout, translate_http_error
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -118,27 +117,13 @@ class OpenAIStream:
         return self._deltas()
 
     async def _deltas(self) -> AsyncIterator[Delta]:
-        decoder = SSEDecoder()
-        failure: Failure | None = None
-        try:
-            async for line in self._response.aiter_lines():
-                event = decoder.feed(line)
-                # After [DONE] the rest is still read, so the connection goes back to the pool.
-                if event is None or self._done:
-                    continue
-                delta = self._on_event(*event)
-                if delta is not None:
-                    yield delta
-            event = decoder.flush()
-            if event is not None and not self._done:
-                delta = self._on_event(*event)
-                if delta is not None:
-                    yield delta
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, self._call, streaming=True)
-        # Raised outside the except block so the httpx exception is not chained onto it.
-        if failure is not None:
-            raise UpstreamFailure(failure)
+        async for event in sse_events(self._response, self._call):
+            # After [DONE] the rest is still read, so the connection goes back to the pool.
+            if self._done:
+                continue
+            delta = self._on_event(*event)
+            if delta is not None:
+                yield delta
         # Some compatible servers end a finished stream without [DONE]; once a finish_reason
         # arrived the client has the whole reply, so only a cut before it is a failure.
         if not self._done and self.finish_reason is None:
