@@ -11,6 +11,7 @@ client. It prints p50/p99 per path and what routerd adds (routerd minus direct).
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 import threading
@@ -130,6 +131,7 @@ chain = ["mock/m"]
             with Client(str(socket_path), name="bench-sync") as client:
                 rows.append(("routerd sync", 1, measure_sync(client, args.requests)))
             del daemon
+    shutil.rmtree(workdir, ignore_errors=True)
     direct = {c: statistics.median(s) for name, c, s in rows if name == "direct httpx"}
     direct99 = {c: percentile(s, 99) for name, c, s in rows if name == "direct httpx"}
     print(f"routerd latency benchmark: {args.requests} requests per row, mock provider on loopback")

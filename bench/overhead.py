@@ -12,6 +12,7 @@ upstream call itself is what `latency.py` adds on top.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 from contextlib import AbstractAsyncContextManager
@@ -114,6 +115,7 @@ chain = ["mem/m"]
             stderr=None,
         )
         tg.cancel_scope.cancel()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,6 +136,7 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
                     daemon.process.wait()
         finally:
             daemon.close()
+            shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0
 
 

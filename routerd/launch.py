@@ -42,6 +42,7 @@ class DaemonProcess:
         self._notify_path = os.path.join(self._workdir, "notify")
         self._notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._notify.bind(self._notify_path)
+        self._own_log = log_path is None
         self.log_path = log_path or Path(self._workdir) / "routerd.log"
         self._log: IO[bytes] = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         child_env = dict(os.environ)
@@ -120,6 +121,8 @@ class DaemonProcess:
         self._notify.close()
         self._log.close()
         Path(self._notify_path).unlink(missing_ok=True)
+        if self._own_log:
+            self.log_path.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             os.rmdir(self._workdir)
 
