@@ -21,6 +21,9 @@ RPM_WINDOW_S = 60.0
 # A credential that never answered is tried by one request at a time for this long: a bad
 # or exhausted key fails fast, so a burst must not all land on it before the first answer.
 PROBATION_S = 2.0
+# The shortest cooldown, whatever the provider says ("retry-after: 0" included): a key that
+# keeps answering 429 is never tried in a tight loop.
+MIN_COOLDOWN_S = 0.1
 # After a window's reset passed, the new window's reset is unknown until the next reply
 # reports it; this guess only matters when replies carry no rate-limit headers.
 ROLLOVER_S = 60.0
@@ -342,7 +345,7 @@ class CredentialState:
             if wait is None:
                 wait = _backoff(self.long_lane_level, rng)
                 self.long_lane_level += 1
-            self.long_lane_until = now + wait
+            self.long_lane_until = now + max(wait, MIN_COOLDOWN_S)
         elif cls is FailureClass.QUOTA_EXHAUSTED:
             self.failures += 1
             park = failure.retry_after if failure.retry_after is not None else self.quota_park_s
@@ -362,7 +365,7 @@ class CredentialState:
             self.backoff_level += 1
         previous = self.until if self.health is Health.COOLING else 0.0
         self.health = Health.COOLING
-        self.until = max(previous, now + hint)
+        self.until = max(previous, now + max(hint, MIN_COOLDOWN_S))
         self.reason = reason
         # The window is full: until its reset, our local estimate must say so too.
         if self.requests.remaining is not None:

@@ -32,6 +32,8 @@ from routerd.upstream.base import Adapter, Call, Completion, Delta
 log = structlog.get_logger("routerd.dispatch")
 
 OnDelta = Callable[[Delta], Awaitable[None]]
+# However many keys and targets a route has, one request makes at most this many attempts.
+MAX_ATTEMPTS = 32
 # Called once per finished request: (route, target of the last attempt or None, outcome,
 # latency in seconds of that last upstream attempt). The metrics hang on it.
 Observer = Callable[[str, str | None, str, float], None]
@@ -304,7 +306,7 @@ class Dispatcher:
                     rotations=self.rotations,
                     rng=self._rng,
                 )
-                if decision.candidates:
+                if decision.candidates and len(attempts) < MAX_ATTEMPTS:
                     if waiter is not None:
                         route.queue.remove(waiter)
                         waiter = None
@@ -325,7 +327,8 @@ class Dispatcher:
                     continue
                 free_at = decision.free_at
                 if (
-                    free_at is None
+                    len(attempts) >= MAX_ATTEMPTS
+                    or free_at is None
                     or free_at >= deadline_at
                     or _all_excluded(route, exclusions)
                     # A long request whose lanes are all cooling is told at once, so the agent

@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 import pytest
-from routerd_client import ContextOverflow, ContextTierDowngrade
+from routerd_client import ContextOverflow, ContextTierDowngrade, RateLimited
 
 from routerd.actor import CredentialActor
 from routerd.breaker import Breaker
@@ -219,3 +219,15 @@ async def test_a_prompt_the_provider_counts_past_the_window_retries_on_the_long_
         reply = await dispatcher.chat("r", request(760_000))
         assert [a.outcome for a in reply.attempts] == ["context_overflow", "ok"]
         assert adapter.calls == [("claude", "a", False), ("claude", "a", True)]
+
+
+async def test_a_key_that_always_answers_429_with_no_wait_is_not_hammered() -> None:
+    def decide(call: Call, label: str) -> Failure | None:
+        return Failure(FailureClass.RATE_LIMITED, "slow down", 429, retry_after=0.0)
+
+    async with running(decide) as (dispatcher, adapter):
+        with pytest.raises(RateLimited):
+            await dispatcher.chat("r", request(SHORT), deadline=1.0)
+        # Two keys cooled at least 0.1 s per 429 within a 1 s deadline: about 20 calls, not
+        # thousands, and never more than one request's attempt cap.
+        assert 2 <= len(adapter.calls) <= 32

@@ -307,3 +307,11 @@ def test_a_window_after_its_reset_counts_down_from_the_limit_once() -> None:
         c.lease(1.0, 1)
     # The fresh window is spent too: the next request waits for the provider's report.
     assert c.free_at(1.0, 1) > 1.0
+
+
+def test_a_zero_retry_after_still_cools_the_key_briefly() -> None:
+    c = cred("a", proven=True)
+    c.lease(5.0, 1)
+    c.failed(failure(FailureClass.RATE_LIMITED, 0.0), 5.0, RNG)
+    # Never a tight loop on a key that keeps answering 429 with "retry-after: 0".
+    assert c.free_at(5.0, 1) == pytest.approx(5.1)
