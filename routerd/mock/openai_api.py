@@ -19,6 +19,7 @@ from routerd.mock import openai_errors as errors
 from routerd.mock import openai_wire as wire
 from routerd.mock.asgi import Headers, Request, Responder
 from routerd.mock.directives import DirectiveError, Directives, parse_directives, strip_directives
+from routerd.mock.faults import wait_or_fail
 from routerd.mock.limits import WindowState, ceil_ms, format_go_duration
 from routerd.mock.spec import ModelSpec
 from routerd.mock.state import Admission, MockState
@@ -26,7 +27,6 @@ from routerd.mock.state import Admission, MockState
 ORGANIZATION = "org-mock"
 
 # The "timeout" fault: far beyond any client's timeout, yet ended by the client leaving.
-HANG_S = 3600.0
 
 # Streams pace their chunks so a client sees them arrive one by one, but never slowly.
 _MAX_CHUNK_GAP_S = 0.05
@@ -160,23 +160,8 @@ async def _play(
 ) -> None:
     """Deliver an admitted request's answer, or the fault it asked for."""
     fault = directives.fail or model.fault
-    if fault == "timeout":
-        # Counted now: the client gives up long before there is a status to count.
-        call.record("timeout")
-        await anyio.sleep(HANG_S)
-        return
-    if directives.sleep_ms is not None:
-        delay = directives.sleep_ms / 1000
-    else:
-        delay = call.state.latency_s(model)
-    await anyio.sleep(delay)
-    if fault == "reset":
-        call.record("reset")
-        await call.reply.hang_up(reset=True)
-        return
-    if fault in errors.SERVER_FAULTS:
-        status, detail = errors.SERVER_FAULTS[fault]
-        await call.error(status, detail)
+    delay = await wait_or_fail(call, fault, directives.sleep_ms, model, errors.SERVER_FAULTS)
+    if delay is None:
         return
     if chat.stream:
         await _stream(call, chat, answer, fault, delay)
