@@ -3,9 +3,11 @@ the key and the line, so that a config that loads can be trusted inside the daem
 
 from __future__ import annotations
 
+import grp
 import ipaddress
 import math
 import os
+import pwd
 import re
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -123,6 +125,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     http_token_env: str = "ROUTERD_HTTP_TOKEN"
     # http_listen must be a loopback address unless this is set: the front holds every key.
     http_allow_remote: bool = False
+    # Who may use the sockets beyond their file mode (user and group names or ids); empty:
+    # whoever can open the socket. The daemon's own user is always allowed.
+    allowed_users: list[str] = msgspec.field(default_factory=list)
+    allowed_groups: list[str] = msgspec.field(default_factory=list)
     max_frame: int = 16 * 1024 * 1024
     mailbox_size: int = 256
     drain_timeout_s: float = 30.0
@@ -418,6 +424,22 @@ def _check_route(problems: ProblemList, config: Config, name: str, route: RouteC
         problems.add((*here, "retries"), f"must be 0 or more, got {route.retries}")
 
 
+def _user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def _group_exists(name: str) -> bool:
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
 def _check_server(problems: ProblemList, server: ServerConfig) -> None:
     here = ("server",)
     listen = server.http_listen
@@ -437,6 +459,12 @@ def _check_server(problems: ProblemList, server: ServerConfig) -> None:
     _positive(problems, (*here, "state_flush_s"), server.state_flush_s)
     if not (math.isfinite(server.drain_timeout_s) and server.drain_timeout_s >= 0):
         problems.add((*here, "drain_timeout_s"), "must be 0 or more seconds")
+    for index, name in enumerate(server.allowed_users):
+        if not name.isdigit() and not _user_exists(name):
+            problems.add((*here, "allowed_users", index), f"no user named {name!r} here")
+    for index, name in enumerate(server.allowed_groups):
+        if not name.isdigit() and not _group_exists(name):
+            problems.add((*here, "allowed_groups", index), f"no group named {name!r} here")
     if server.log_level.lower() not in _LOG_LEVELS:
         problems.add(
             (*here, "log_level"),

@@ -29,6 +29,7 @@ from routerd.config import Config, split_target
 from routerd.credential import CredentialState, LocalLimit
 from routerd.dispatch import Dispatcher, ProviderRuntime, Route
 from routerd.front import HttpFront, Metrics
+from routerd.peers import PeerPolicy
 from routerd.plan import Target
 from routerd.secrets import Secret
 from routerd.server import Connection
@@ -107,6 +108,7 @@ class Daemon:
         self.draining = False
         self._dirty = False
         self._owns_socket = False
+        self.peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
         # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
@@ -265,6 +267,7 @@ class Daemon:
                 status=self.status,
                 draining=lambda: self.draining,
                 version=VERSION,
+                peers=self.peers,
             )
             await connection.serve()
         except Exception:
@@ -300,6 +303,7 @@ class Daemon:
             self.dispatcher,
             metrics=self.metrics,
             draining=lambda: self.draining,
+            peers=self.peers,
         )
         async with self.http, anyio.create_task_group() as root:
             for actor in self.actors.values():

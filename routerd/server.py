@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import itertools
 import socket
-import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +38,7 @@ from routerd_client.protocol import (
 )
 
 from routerd.dispatch import Dispatcher
+from routerd.peers import PeerPolicy, peer_of
 from routerd.upstream.base import Delta
 
 log = structlog.get_logger("routerd.server")
@@ -46,16 +46,6 @@ log = structlog.get_logger("routerd.server")
 HELLO_TIMEOUT_S = 10.0
 _any_decoder = msgspec.msgpack.Decoder()
 _conn_ids = itertools.count(1)
-
-
-def peer_credentials(stream: SocketStream) -> tuple[int, int, int] | None:
-    """(pid, uid, gid) of the process on the other end of a Unix socket, where the OS says."""
-    raw = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
-    if raw is None or raw.family != socket.AF_UNIX or not hasattr(socket, "SO_PEERCRED"):
-        return None
-    creds = raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", creds)
-    return pid, uid, gid
 
 
 class _Corrupt(Exception):
@@ -74,6 +64,7 @@ class Connection:
         status: Callable[[int], StatusReport],
         draining: Callable[[], bool],
         version: str,
+        peers: PeerPolicy | None = None,
     ) -> None:
         self.id = next(_conn_ids)
         self.stream = stream
@@ -83,6 +74,7 @@ class Connection:
         self.status = status
         self.draining = draining
         self.version = version
+        self.peers = peers
         self.client = ""
         self.requests: dict[int, anyio.CancelScope] = {}
         self._lock = anyio.Lock(fast_acquire=True)
@@ -148,8 +140,12 @@ class Connection:
 
     async def serve(self) -> None:
         """Run the connection until the client leaves or sends bytes that cannot be trusted."""
-        peer = peer_credentials(self.stream)
+        peer = None if self._raw is None else peer_of(self._raw)
         try:
+            if self.peers is not None and not self.peers.allows(peer):
+                log.warning("peer_refused", conn=self.id, peer=peer)
+                await self.send(Error(None, "forbidden", self.peers.refusal(peer)))
+                return
             async with anyio.create_task_group() as requests:
                 try:
                     if not await self._handshake():

@@ -15,7 +15,6 @@ import errno
 import ipaddress
 import os
 import socket
-import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from routerd.config import ServerConfig
 from routerd.dispatch import Dispatcher
 from routerd.front.app import FrontApp, FrontState
 from routerd.front.metrics import Metrics
+from routerd.peers import PeerPolicy, peer_of
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Protocol
@@ -48,17 +48,25 @@ class FrontError(RuntimeError):
 
 
 class _UnixProtocol(_Protocol):
-    """uvicorn's HTTP protocol, logging who connected over the Unix socket (SO_PEERCRED)."""
+    """uvicorn's HTTP protocol with the msgpack front's peer check (SO_PEERCRED)."""
+
+    peers: PeerPolicy | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Log the peer's pid, uid and gid, as the msgpack front does, then serve as usual."""
-        sock = transport.get_extra_info("socket")
-        if sock is not None and hasattr(socket, "SO_PEERCRED"):
-            with contextlib.suppress(OSError):
-                raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-                pid, uid, gid = struct.unpack("3i", raw)
-                log.debug("http_client_connected", pid=pid, uid=uid, gid=gid)
+        """Serve as usual, unless the peer is not allowed: then hang up at once."""
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        peer = None if sock is None else peer_of(sock)
+        if self.peers is not None and not self.peers.allows(peer):
+            log.warning("peer_refused", peer=peer, front="http")
+            transport.close()
+            return
+        log.debug("http_client_connected", peer=peer)
+
+
+def _unix_protocol(peers: PeerPolicy | None) -> type[_UnixProtocol]:
+    """The protocol class uvicorn instantiates per connection, bound to this policy."""
+    return type("_UnixProtocol", (_UnixProtocol,), {"peers": peers})
 
 
 class _Server(uvicorn.Server):
@@ -180,11 +188,13 @@ class HttpFront:
         unix: _Listener | None,
         tcp: list[_Listener],
         token: str | None,
+        peers: PeerPolicy | None = None,
     ) -> None:
         self.state = state
         self.unix = unix
         self.tcp = tcp
         self._token = token
+        self._peers = peers
         self._servers: list[_Server] = []
         self._stopped = anyio.Event()
 
@@ -197,6 +207,7 @@ class HttpFront:
         metrics: Metrics,
         draining: Callable[[], bool],
         environ: Mapping[str, str] | None = None,
+        peers: PeerPolicy | None = None,
     ) -> HttpFront | None:
         """Bind the configured listeners; None when neither http_socket nor http_listen is set.
 
@@ -220,7 +231,7 @@ class HttpFront:
                 raise
             tcp = [_Listener(sock, _address(sock), None) for sock in socks]
         state = FrontState(dispatcher, metrics, draining, server.max_frame)
-        return cls(state, unix=unix, tcp=tcp, token=token)
+        return cls(state, unix=unix, tcp=tcp, token=token, peers=peers)
 
     @property
     def addresses(self) -> list[str]:
@@ -247,7 +258,8 @@ class HttpFront:
         plan: list[tuple[_Server, list[socket.socket]]] = []
         if self.unix is not None:
             app = FrontApp(self.state, token=None)
-            plan.append((_Server(self._config(app, _UnixProtocol)), [self.unix.sock]))
+            protocol = _unix_protocol(self._peers)
+            plan.append((_Server(self._config(app, protocol)), [self.unix.sock]))
         if self.tcp:
             app = FrontApp(self.state, token=self._token)
             plan.append((_Server(self._config(app, "auto")), [t.sock for t in self.tcp]))
