@@ -41,7 +41,7 @@ async def measure(
     call: Callable[[], Awaitable[object]], requests: int, concurrency: int
 ) -> list[float]:
     """Latency in ms of ``requests`` calls, ``concurrency`` at a time (after a warm-up)."""
-    for _ in range(min(50, requests)):
+    for _ in range(min(20, requests)):
         await call()
     samples: list[float] = []
     counter = iter(range(requests))
@@ -92,12 +92,16 @@ async def run(
                 return await client.chat("bench", messages=MESSAGES)
 
             for concurrency in (1, 32):
-                rows.append(
-                    ("direct httpx", concurrency, await measure(direct, requests, concurrency))
-                )
-                rows.append(
-                    ("routerd async", concurrency, await measure(routed, requests, concurrency))
-                )
+                # Interleaved in rounds, so that whatever else the machine does in the
+                # meantime weighs on both paths alike.
+                direct_samples: list[float] = []
+                routed_samples: list[float] = []
+                rounds = 10
+                for _ in range(rounds):
+                    direct_samples += await measure(direct, requests // rounds, concurrency)
+                    routed_samples += await measure(routed, requests // rounds, concurrency)
+                rows.append(("direct httpx", concurrency, direct_samples))
+                rows.append(("routerd async", concurrency, routed_samples))
     return rows
 
 

@@ -24,7 +24,13 @@ from routerd.limits import anthropic_limits
 from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
 from routerd.translate_request import DEFAULT_MAX_TOKENS, TranslationError, openai_to_anthropic
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import HTTP_ERRORS, sse_events, timeout, translate_http_error
+from routerd.upstream.common import (
+    HTTP_ERRORS,
+    endpoint,
+    sse_events,
+    timeout,
+    translate_http_error,
+)
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -34,10 +40,10 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
 
 
-def _messages_url(base_url: str) -> str:
+def _messages_url(base_url: str) -> httpx.URL | str:
     # The documented base_url is the bare host, but ".../v1" is a common way to write it.
     base = base_url.rstrip("/")
-    return f"{base}/messages" if base.endswith("/v1") else f"{base}/v1/messages"
+    return endpoint(base, "messages" if base.endswith("/v1") else "v1/messages")
 
 
 class AnthropicStream:
@@ -145,7 +151,9 @@ class AnthropicAdapter:
         self._default_max_tokens = default_max_tokens
         self._clock = clock
 
-    def _prepare(self, call: Call, *, stream: bool) -> tuple[str, bytes, dict[str, str]]:
+    def _prepare(
+        self, call: Call, *, stream: bool
+    ) -> tuple[httpx.URL | str, bytes, dict[str, str]]:
         try:
             body = openai_to_anthropic(
                 call.body, call.model, default_max_tokens=self._default_max_tokens

@@ -35,6 +35,18 @@ _TRANSPORT_KINDS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+@lru_cache(maxsize=256)
+def endpoint(base_url: str, path: str) -> httpx.URL | str:
+    """The URL of ``path`` under ``base_url``, parsed once (httpx's parser is pure Python
+    and would otherwise run on every request). A URL httpx cannot parse comes back as the
+    string, so the request raises InvalidURL where transport errors are translated."""
+    url = f"{base_url.rstrip('/')}/{path}"
+    try:
+        return httpx.URL(url)
+    except httpx.InvalidURL:
+        return url
+
+
 @lru_cache(maxsize=64)
 def timeout(seconds: float) -> httpx.Timeout:
     """The timeout of one attempt: ``seconds`` for each read, short for connecting."""

@@ -19,7 +19,13 @@ from routerd.classify import classify, transport_failure
 from routerd.limits import openai_limits
 from routerd.outcome import RateLimitReport, UpstreamFailure
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import HTTP_ERRORS, sse_events, timeout, translate_http_error
+from routerd.upstream.common import (
+    HTTP_ERRORS,
+    endpoint,
+    sse_events,
+    timeout,
+    translate_http_error,
+)
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -200,7 +206,9 @@ class OpenAIAdapter:
     def _per_day(self, call: Call) -> bool:
         return self._requests_per_day or "api.groq.com" in call.base_url
 
-    def _prepare(self, call: Call, *, stream: bool) -> tuple[str, bytes, dict[str, str]]:
+    def _prepare(
+        self, call: Call, *, stream: bool
+    ) -> tuple[httpx.URL | str, bytes, dict[str, str]]:
         # One shallow copy: the caller's body is reused for the next target and must not change.
         body = {**call.body, "model": call.model, "stream": stream}
         if stream:
@@ -220,7 +228,7 @@ class OpenAIAdapter:
         }
         if call.headers:
             headers.update(call.headers)
-        return f"{call.base_url.rstrip('/')}/chat/completions", _encode(body), headers
+        return endpoint(call.base_url, "chat/completions"), _encode(body), headers
 
     async def complete(self, call: Call) -> Completion:
         """Send a non-streaming request and return the whole reply."""
