@@ -24,13 +24,7 @@ from routerd.limits import anthropic_limits
 from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
 from routerd.translate_request import DEFAULT_MAX_TOKENS, TranslationError, openai_to_anthropic
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import (
-    HTTP_ERRORS,
-    endpoint,
-    sse_events,
-    timeout,
-    translate_http_error,
-)
+from routerd.upstream.common import endpoint, open_stream, post, sse_events
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -193,15 +187,8 @@ class AnthropicAdapter:
     async def complete(self, call: Call) -> Completion:
         """Send a non-streaming request and return the whole reply."""
         url, content, headers = self._prepare(call, stream=False)
-        try:
-            response = await self._http.post(
-                url, content=content, headers=headers, timeout=timeout(call.timeout)
-            )
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, call)
-        else:
-            return self._completion(response, call)
-        raise UpstreamFailure(failure)
+        response = await post(self._http, call, url, content, headers)
+        return self._completion(response, call)
 
     def _completion(self, response: httpx.Response, call: Call) -> Completion:
         if not response.is_success:
@@ -235,20 +222,10 @@ class AnthropicAdapter:
     async def stream(self, call: Call) -> AsyncIterator[AnthropicStream]:
         """Open a streaming request; entering raises UpstreamFailure if it fails before any byte."""
         url, content, headers = self._prepare(call, stream=True)
-        try:
-            async with self._http.stream(
-                "POST", url, content=content, headers=headers, timeout=timeout(call.timeout)
-            ) as response:
-                if response.is_success:
-                    limits = anthropic_limits(response.headers, self._clock())
-                    yield AnthropicStream(response, call, limits, self._clock)
-                    return
-                body: bytes | None
-                try:
-                    body = await response.aread()
-                except HTTP_ERRORS:
-                    body = None  # the status alone still classifies it
-                failure = self._classify(response, body, call)
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, call)
-        raise UpstreamFailure(failure)
+
+        def failed(response: httpx.Response, body: bytes | None) -> Failure:
+            return self._classify(response, body, call)
+
+        async with open_stream(self._http, call, url, content, headers, failed) as response:
+            limits = anthropic_limits(response.headers, self._clock())
+            yield AnthropicStream(response, call, limits, self._clock)

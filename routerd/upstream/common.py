@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from functools import lru_cache
 
 import httpx
@@ -85,3 +86,52 @@ async def sse_events(response: httpx.Response, call: Call) -> AsyncIterator[tupl
     # Raised outside the except block so the httpx exception is not chained onto it.
     if failure is not None:
         raise UpstreamFailure(failure)
+
+
+async def post(
+    http: httpx.AsyncClient,
+    call: Call,
+    url: httpx.URL | str,
+    content: bytes,
+    headers: dict[str, str],
+) -> httpx.Response:
+    """POST a whole request; a transport failure is raised as UpstreamFailure."""
+    failure: Failure | None = None
+    try:
+        return await http.post(url, content=content, headers=headers, timeout=timeout(call.timeout))
+    except HTTP_ERRORS as exc:
+        failure = translate_http_error(exc, call)
+    raise UpstreamFailure(failure)
+
+
+@asynccontextmanager
+async def open_stream(
+    http: httpx.AsyncClient,
+    call: Call,
+    url: httpx.URL | str,
+    content: bytes,
+    headers: dict[str, str],
+    classify_error: Callable[[httpx.Response, bytes | None], Failure],
+) -> AsyncIterator[httpx.Response]:
+    """Open a streamed POST and yield its response once the status says success.
+
+    An error status (classified from its body) or a transport failure before that point
+    is raised as UpstreamFailure: nothing has reached the client yet, so it can fall back.
+    """
+    failure: Failure | None = None
+    try:
+        async with http.stream(
+            "POST", url, content=content, headers=headers, timeout=timeout(call.timeout)
+        ) as response:
+            if response.is_success:
+                yield response
+                return
+            body: bytes | None
+            try:
+                body = await response.aread()
+            except HTTP_ERRORS:
+                body = None  # the status alone still classifies it
+            failure = classify_error(response, body)
+    except HTTP_ERRORS as exc:
+        failure = translate_http_error(exc, call)
+    raise UpstreamFailure(failure)

@@ -17,15 +17,9 @@ import msgspec
 
 from routerd.classify import classify, transport_failure
 from routerd.limits import openai_limits
-from routerd.outcome import RateLimitReport, UpstreamFailure
+from routerd.outcome import Failure, RateLimitReport, UpstreamFailure
 from routerd.upstream.base import Call, Completion, Delta
-from routerd.upstream.common import (
-    HTTP_ERRORS,
-    endpoint,
-    sse_events,
-    timeout,
-    translate_http_error,
-)
+from routerd.upstream.common import endpoint, open_stream, post, sse_events
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -233,15 +227,8 @@ class OpenAIAdapter:
     async def complete(self, call: Call) -> Completion:
         """Send a non-streaming request and return the whole reply."""
         url, content, headers = self._prepare(call, stream=False)
-        try:
-            response = await self._http.post(
-                url, content=content, headers=headers, timeout=timeout(call.timeout)
-            )
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, call)
-        else:
-            return self._completion(response, call)
-        raise UpstreamFailure(failure)
+        response = await post(self._http, call, url, content, headers)
+        return self._completion(response, call)
 
     def _completion(self, response: httpx.Response, call: Call) -> Completion:
         per_day = self._per_day(call)
@@ -281,30 +268,20 @@ class OpenAIAdapter:
         """Open a streaming request; entering raises UpstreamFailure if it fails before any byte."""
         url, content, headers = self._prepare(call, stream=True)
         per_day = self._per_day(call)
-        try:
-            async with self._http.stream(
-                "POST", url, content=content, headers=headers, timeout=timeout(call.timeout)
-            ) as response:
-                if response.is_success:
-                    limits = openai_limits(response.headers, requests_per_day=per_day)
-                    yield OpenAIStream(response, call, limits)
-                    return
-                body: bytes | None
-                try:
-                    body = await response.aread()
-                except HTTP_ERRORS:
-                    body = None  # the status alone still classifies it
-                failure = classify(
-                    response.status_code,
-                    response.headers,
-                    body,
-                    key=call.key,
-                    now=time.time(),
-                    requests_per_day=per_day,
-                )
-        except HTTP_ERRORS as exc:
-            failure = translate_http_error(exc, call)
-        raise UpstreamFailure(failure)
+
+        def failed(response: httpx.Response, body: bytes | None) -> Failure:
+            return classify(
+                response.status_code,
+                response.headers,
+                body,
+                key=call.key,
+                now=time.time(),
+                requests_per_day=per_day,
+            )
+
+        async with open_stream(self._http, call, url, content, headers, failed) as response:
+            limits = openai_limits(response.headers, requests_per_day=per_day)
+            yield OpenAIStream(response, call, limits)
 
 
 def _completion_of(reply: _Reply, call: Call, limits: RateLimitReport) -> Completion:
