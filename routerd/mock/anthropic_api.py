@@ -23,7 +23,7 @@ from routerd.mock import anthropic_errors as errors
 from routerd.mock import anthropic_wire as wire
 from routerd.mock.asgi import Headers, Request, Responder
 from routerd.mock.directives import DirectiveError, Directives, parse_directives, strip_directives
-from routerd.mock.faults import wait_or_fail
+from routerd.mock.faults import send_body, wait_or_fail
 from routerd.mock.limits import WindowState
 from routerd.mock.spec import ModelSpec
 from routerd.mock.state import Admission, MockState, WindowName
@@ -193,16 +193,8 @@ async def _play(
         stop_sequence=answer.stop_sequence,
         usage=answer.usage,
     )
-    encoded = _encode(message)
     call.record("200")
-    if fault == "cut":
-        # A body shorter than its content-length: the client sees the connection end early.
-        length = (b"content-length", str(len(encoded)).encode())
-        await call.reply.start(200, [*call.headers(_JSON), length])
-        await call.reply.write(encoded[: len(encoded) // 2])
-        await call.reply.hang_up(reset=False)
-        return
-    await call.reply.body(200, encoded, call.headers(_JSON))
+    await send_body(call.reply, _encode(message), call.headers(_JSON), cut=fault == "cut")
 
 
 async def _stream(

@@ -1,8 +1,8 @@
-"""The faults every dialect of the mock plays the same way: hang, reset, a server error."""
+"""The faults every dialect of the mock plays the same way: hang, reset, errors, cut bodies."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Protocol, TypeVar
 
 import anyio
@@ -59,3 +59,17 @@ async def wait_or_fail(
         await call.error(status, detail)
         return None
     return delay
+
+
+async def send_body(
+    reply: Responder, body: bytes, headers: Iterable[tuple[bytes, bytes]], *, cut: bool
+) -> None:
+    """A whole response; with ``cut``, half of it and then the connection closes."""
+    if not cut:
+        await reply.body(200, body, headers)
+        return
+    # A body shorter than its content-length: the client sees the connection end early.
+    length = (b"content-length", str(len(body)).encode())
+    await reply.start(200, [*headers, length])
+    await reply.write(body[: len(body) // 2])
+    await reply.hang_up(reset=False)

@@ -19,7 +19,7 @@ from routerd.mock import openai_errors as errors
 from routerd.mock import openai_wire as wire
 from routerd.mock.asgi import Headers, Request, Responder
 from routerd.mock.directives import DirectiveError, Directives, parse_directives, strip_directives
-from routerd.mock.faults import wait_or_fail
+from routerd.mock.faults import send_body, wait_or_fail
 from routerd.mock.limits import WindowState, ceil_ms, format_go_duration
 from routerd.mock.spec import ModelSpec
 from routerd.mock.state import Admission, MockState
@@ -182,16 +182,8 @@ async def _play(
         choices=[wire.Choice(index=0, message=message, finish_reason=answer.finish_reason)],
         usage=answer.usage,
     )
-    body = _encode(completion)
     call.record("200")
-    if fault == "cut":
-        # A body shorter than its content-length: the client sees the connection end early.
-        length = (b"content-length", str(len(body)).encode())
-        await call.reply.start(200, [*call.headers(_JSON), length])
-        await call.reply.write(body[: len(body) // 2])
-        await call.reply.hang_up(reset=False)
-        return
-    await call.reply.body(200, body, call.headers(_JSON))
+    await send_body(call.reply, _encode(completion), call.headers(_JSON), cut=fault == "cut")
 
 
 async def _stream(
