@@ -118,9 +118,9 @@ class Daemon:
             follow_redirects=False,
         )
         self.actors = self._build_actors(secrets)
-        pools: dict[str, list[CredentialState]] = {}
+        self._pools: dict[str, list[CredentialState]] = {}
         for (provider, _), actor in self.actors.items():
-            pools.setdefault(provider, []).append(actor.state)
+            self._pools.setdefault(provider, []).append(actor.state)
         providers = {
             name: ProviderRuntime(
                 name=name,
@@ -131,16 +131,22 @@ class Daemon:
             )
             for name, p in config.providers.items()
         }
-        targets: dict[str, Target] = {}
+        self._targets: dict[str, Target] = {}
         routes: dict[str, Route] = {}
         for route_name, route in config.routes.items():
-            chain = [self._target(t, pools, targets) for t in route.chain]
+            chain: list[Target] = []
+            for name in route.chain:
+                target = self.target(name)
+                if target is None:  # load_config rejects this; a Config built in code may not
+                    raise ValueError(f"route {route_name!r}: no provider for target {name!r}")
+                chain.append(target)
             routes[route_name] = Route(route_name, chain, route.deadline_s, route.retries)
         self.dispatcher = Dispatcher(
             routes,
-            targets,
+            self._targets,
             self.actors,
             providers,
+            make_target=self.target,
             clock=clock,
             rng=random.Random(),
             on_change=self._changed,
@@ -172,13 +178,17 @@ class Daemon:
             )
         return actors
 
-    def _target(
-        self, name: str, pools: dict[str, list[CredentialState]], targets: dict[str, Target]
-    ) -> Target:
-        if name in targets:
-            return targets[name]
-        provider, model = split_target(name)
-        provider_config = self.config.providers[provider]
+    def target(self, name: str) -> Target | None:
+        """The target "provider/model" (built once), None when the provider is unknown."""
+        if name in self._targets:
+            return self._targets[name]
+        try:
+            provider, model = split_target(name)
+        except ValueError:
+            return None
+        provider_config = self.config.providers.get(provider)
+        if provider_config is None:
+            return None
         model_config = self.config.models.get(name)
         breaker = self.config.breaker
         context_window = model_config.context_window if model_config else None
@@ -189,12 +199,12 @@ class Daemon:
             kind=provider_config.kind,
             strategy=provider_config.strategy,
             breaker=Breaker(name, breaker.failure_threshold, breaker.open_s, breaker.max_open_s),
-            pool=pools.get(provider, []),
+            pool=self._pools.get(provider, []),
             context_window=context_window or KNOWN_WINDOWS.get(model),
             long_context_window=model_config.long_context_window if model_config else None,
             long_context_headers=LONG_CONTEXT_HEADERS.get(provider_config.kind, {}),
         )
-        targets[name] = target
+        self._targets[name] = target
         return target
 
     # ---- state ------------------------------------------------------------------------

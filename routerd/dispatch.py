@@ -134,6 +134,7 @@ class Dispatcher:
         on_change: Callable[[], None] = lambda: None,
         default_deadline_s: float = 120.0,
         observer: Observer | None = None,
+        make_target: Callable[[str], Target | None] | None = None,
     ) -> None:
         self.routes = routes
         self.targets = targets
@@ -146,6 +147,7 @@ class Dispatcher:
         self._on_change = on_change
         self._observer = observer
         self._default_deadline_s = default_deadline_s
+        self._make_target = make_target
         self._seq = itertools.count()
         self._idle: anyio.Event | None = None
 
@@ -157,10 +159,8 @@ class Dispatcher:
         if route is not None:
             return route
         target = self.targets.get(name)
-        if target is None:
-            provider, _, model = name.partition("/")
-            if provider in self.providers and model:
-                target = self._adhoc_target(provider, model)
+        if target is None and self._make_target is not None:
+            target = self._make_target(name)
         if target is None:
             known = ", ".join(sorted(self.routes)) or "none"
             raise routerd_error(
@@ -171,27 +171,6 @@ class Dispatcher:
         route = Route(name, [target], self._default_deadline_s, 2)
         self.routes[name] = route
         return route
-
-    def _adhoc_target(self, provider: str, model: str) -> Target | None:
-        sibling = next((t for t in self.targets.values() if t.provider == provider), None)
-        if sibling is None:
-            return None
-        target = Target(
-            name=f"{provider}/{model}",
-            provider=provider,
-            model=model,
-            kind=sibling.kind,
-            strategy=sibling.strategy,
-            breaker=type(sibling.breaker)(
-                f"{provider}/{model}",
-                sibling.breaker.failure_threshold,
-                sibling.breaker.open_s,
-                sibling.breaker.max_open_s,
-            ),
-            pool=sibling.pool,
-        )
-        self.targets[target.name] = target
-        return target
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (the drain on shutdown waits on this)."""
