@@ -155,9 +155,7 @@ class Connection:
                         body = await self._read_frame()
                         message = self._decode(body)
                         await self._handle(message, requests)
-                except FrameTooLarge as exc:
-                    await self.send(Error(id=None, kind="protocol_error", message=str(exc)))
-                except _Corrupt as exc:
+                except (FrameTooLarge, _Corrupt) as exc:
                     await self.send(Error(id=None, kind="protocol_error", message=str(exc)))
                 except (anyio.EndOfStream, anyio.IncompleteRead, anyio.BrokenResourceError):
                     pass
