@@ -62,8 +62,3 @@ def output_allowance(request: dict[str, Any]) -> int:
     if not isinstance(limit, int) or isinstance(limit, bool):
         return 0
     return max(0, limit)
-
-
-def estimate_total(request: dict[str, Any]) -> int:
-    """Prompt estimate plus the output the request asks room for (max_tokens)."""
-    return estimate_prompt(request) + output_allowance(request)
