@@ -134,6 +134,19 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     drain_timeout_s: float = 30.0
     state_flush_s: float = 1.0
     log_level: str = "info"
+    # Open connections per listening socket (msgpack, HTTP Unix, HTTP TCP); the daemon also
+    # keeps each cap below what its file-descriptor limit allows.
+    max_connections: int = 1000
+    # A frame, HTTP request head or body that has begun must arrive whole within this.
+    read_timeout_s: float = 30.0
+    # An idle HTTP keep-alive connection is closed after this.
+    http_keepalive_s: float = 5.0
+    # Bytes that all incomplete frames and request bodies may hold together.
+    buffer_budget: int = 64 * 1024 * 1024
+    # provider/model targets named by requests rather than by a route: how many may exist at
+    # once, and how long an unused one is kept.
+    max_adhoc_targets: int = 256
+    adhoc_idle_s: float = 600.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -459,6 +472,16 @@ def _check_server(problems: ProblemList, server: ServerConfig) -> None:
     _positive(problems, (*here, "state_flush_s"), server.state_flush_s)
     if not (math.isfinite(server.drain_timeout_s) and server.drain_timeout_s >= 0):
         problems.add((*here, "drain_timeout_s"), "must be 0 or more seconds")
+    for field in ("max_connections", "max_adhoc_targets"):
+        if getattr(server, field) < 1:
+            problems.add((*here, field), f"must be 1 or more, got {getattr(server, field)}")
+    for field in ("read_timeout_s", "http_keepalive_s", "adhoc_idle_s"):
+        _positive(problems, (*here, field), getattr(server, field))
+    if server.buffer_budget < server.max_frame:
+        problems.add(
+            (*here, "buffer_budget"),
+            f"must be at least max_frame ({server.max_frame} bytes), got {server.buffer_budget}",
+        )
     for index, name in enumerate(server.allowed_users):
         if not name.isdigit() and not _user_exists(name):
             problems.add((*here, "allowed_users", index), f"no user named {name!r} here")
