@@ -203,8 +203,13 @@ class Dispatcher:
         deadline: float | None = None,
         priority: int = 0,
         on_delta: OnDelta | None = None,
+        client: str = "",
     ) -> Reply:
-        """Serve one request on a route; raises a typed RouterdError when it cannot be served."""
+        """Serve one request on a route; raises a typed RouterdError when it cannot be served.
+
+        ``client`` names who sent it (a connection or a peer process), so that waiting
+        requests are served fairly across clients.
+        """
         route = self.resolve(route_name)
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
