@@ -41,12 +41,12 @@ class BufferBudget:
         self.peak = max(self.peak, self.used)
         return True
 
-    async def reserve(self, size: int, timeout: float) -> None:
-        """Reserve ``size`` bytes, waiting up to ``timeout`` s; raises BudgetExhausted."""
+    async def reserve(self, size: int, wait_s: float) -> None:
+        """Reserve ``size`` bytes, waiting up to ``wait_s`` s; raises BudgetExhausted."""
         if size > self.limit:
             self.refused += 1
             raise BudgetExhausted(size, self.limit)
-        with anyio.move_on_after(timeout):
+        with anyio.move_on_after(wait_s):
             while not self.try_reserve(size):
                 await self._freed.wait()
             return
