@@ -44,11 +44,15 @@ class CredentialActor:
         mailbox_size: int,
         on_change: Callable[[], None],
         clock: Callable[[], float] = time.monotonic,
+        on_lasting: Callable[[], None] = lambda: None,
     ) -> None:
         self.state = state
         self.secret = secret
         self.dropped = 0
         self._on_change = on_change
+        # A park or a disable must reach the state file at once, not at the next flush: a
+        # crash right after would otherwise re-hit the key on restart.
+        self._on_lasting = on_lasting
         self._clock = clock
         self._send, self._receive = anyio.create_memory_object_stream[Changed](mailbox_size)
 
@@ -67,9 +71,16 @@ class CredentialActor:
         after = state.current_health(self._clock())
         if after is before and not reason:
             return
+        if after in (Health.PARKED, Health.DISABLED) and after is not before:
+            # Called from the request path, so also when the mailbox is full.
+            self._on_lasting()
         try:
             self._send.send_nowait(Changed(before, after, reason or state.reason, state.until))
         except anyio.WouldBlock:
+            self.dropped += 1
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            # The actor stopped (a reload removed its credential) while a request still used
+            # it: the state is updated, only the log line is lost.
             self.dropped += 1
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

@@ -107,6 +107,8 @@ class Daemon:
         self.connections = 0
         self.draining = False
         self._dirty = False
+        self._save_now = anyio.Event()
+        self._save_lock = anyio.Lock()
         self._owns_socket = False
         self.peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
         # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
@@ -175,6 +177,7 @@ class Daemon:
                 mailbox_size=self.config.server.mailbox_size,
                 on_change=self._changed,
                 clock=self.clock,
+                on_lasting=self._lasting_change,
             )
         return actors
 
@@ -232,27 +235,44 @@ class Daemon:
         )
         log.info("state_restored", path=str(self.state_path), credentials=matched)
 
-    def save_state(self) -> None:
-        """Write the state file now."""
-        snapshot = state_file.snapshot(
-            (a.state for a in self.actors.values()),
-            (t.breaker for t in self.dispatcher.targets.values()),
-            self.dispatcher.rotations,
+    def _snapshot(self) -> state_file.StateFile:
+        # On the event loop: requests add targets and change credentials between awaits, so
+        # a snapshot taken in a worker thread could see a dict change size mid-iteration.
+        return state_file.snapshot(
+            [a.state for a in self.actors.values()],
+            [t.breaker for t in self.dispatcher.targets.values()],
+            dict(self.dispatcher.rotations),
             self.clock(),
             time.time(),
         )
-        state_file.save(self.state_path, snapshot)
+
+    def save_state(self) -> None:
+        """Write the state file now, from the event loop's thread (blocking)."""
         self._dirty = False
+        state_file.save(self.state_path, self._snapshot())
+
+    async def save_state_async(self) -> None:
+        """Snapshot on the loop, write in a worker thread; failures are logged, not raised."""
+        self._dirty = False
+        snapshot = self._snapshot()
+        async with self._save_lock:  # one writer at a time, so an older snapshot never wins
+            try:
+                await anyio.to_thread.run_sync(state_file.save, self.state_path, snapshot)
+            except OSError as exc:
+                self._dirty = True
+                log.error("state_save_failed", path=str(self.state_path), error=str(exc))
+
+    def _lasting_change(self) -> None:
+        self._dirty = True
+        self._save_now.set()
 
     async def _flush_state(self) -> None:
         while True:
-            await anyio.sleep(self.config.server.state_flush_s)
+            with anyio.move_on_after(self.config.server.state_flush_s):
+                await self._save_now.wait()
+            self._save_now = anyio.Event()
             if self._dirty:
-                self._dirty = False
-                try:
-                    await anyio.to_thread.run_sync(self.save_state)
-                except OSError as exc:
-                    log.error("state_save_failed", path=str(self.state_path), error=str(exc))
+                await self.save_state_async()
 
     # ---- serving ----------------------------------------------------------------------
 
@@ -343,10 +363,7 @@ class Daemon:
                     await self._drain(accepting, listener)
                     connections.cancel_scope.cancel()
             with anyio.move_on_after(5, shield=True):
-                try:
-                    await anyio.to_thread.run_sync(self.save_state)
-                except OSError as exc:
-                    log.error("state_save_failed", path=str(self.state_path), error=str(exc))
+                await self.save_state_async()
             root.cancel_scope.cancel()
         log.info("stopped")
 

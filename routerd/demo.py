@@ -11,6 +11,7 @@ import collections
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -66,8 +67,32 @@ def _print(line: str = "") -> None:
     print(line, flush=True)
 
 
+class _Stopped(Exception):
+    """SIGTERM or SIGHUP reached the demo: unwind, so every child and the folder go too."""
+
+
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signal.Signals(signum).name)
+
+
 def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int:
     """Run the whole demo; returns the exit code (0 when every request was served)."""
+    # Python's default SIGTERM ends the process without running a single finally block,
+    # which would leave the mock, the daemon and the clients running and /tmp littered.
+    previous = {
+        signum: signal.signal(signum, _raise_stopped) for signum in (signal.SIGTERM, signal.SIGHUP)
+    }
+    try:
+        return _run_demo(requests, clients, keep)
+    except _Stopped as stopped:
+        _print(f"routerd demo: stopped by {stopped}")
+        return 143
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _run_demo(requests: int, clients: int, keep: bool) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="routerd-demo-", dir="/tmp"))
     spec = MockSpec(
         keys=DEMO_KEYS,
@@ -86,11 +111,16 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
         env = {f"DEMO_KEY_{spec_.label.upper()}": key for key, spec_ in DEMO_KEYS.items()}
         socket_path = workdir / "routerd.sock"
         _print(f"routerd demo: starting routerd (config {config}, socket {socket_path}) ...")
-        daemon = DaemonProcess(config, socket_path=socket_path, env=env)
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            daemon = DaemonProcess(config, socket_path=socket_path, env=env)
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
         try:
             _print(f"routerd demo: {clients} client processes x {requests} requests ...")
             started = time.monotonic()
-            procs = [
+            procs += [
                 subprocess.Popen(
                     [
                         sys.executable,
@@ -135,6 +165,10 @@ def run_demo(*, requests: int = 30, clients: int = 4, keep: bool = False) -> int
                 with contextlib.suppress(KeyboardInterrupt):
                     daemon.process.wait()
         finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
             daemon.close()
             shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -155,15 +156,28 @@ def _read_credential(
 
 
 def _read_key_file(where: KeyPath, file_path: str, what: str) -> str:
+    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever, and
+    # `serve` and `check` with it. Only a regular file is read.
     try:
-        with open(file_path, "rb") as f:
-            data = f.read(_MAX_KEY_BYTES + 1)
+        fd = os.open(file_path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _Missing(where, f"{what} does not exist") from None
     except IsADirectoryError:
         raise _Missing(where, f"{what} is a directory") from None
     except OSError as exc:
         raise _Missing(where, f"cannot read {what}: {exc.strerror or type(exc).__name__}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise _Missing(where, f"{what} is a directory")
+        if not stat.S_ISREG(mode):
+            raise _Missing(where, f"{what} is not a regular file (a FIFO, socket or device)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(_MAX_KEY_BYTES + 1)
+    except OSError as exc:
+        raise _Missing(where, f"cannot read {what}: {exc.strerror or type(exc).__name__}") from None
+    finally:
+        os.close(fd)
     if len(data) > _MAX_KEY_BYTES:
         raise _Missing(where, f"{what} is too large to hold a key")
     try:

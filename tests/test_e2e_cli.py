@@ -313,3 +313,38 @@ chain = ["mock/m1"]
     assert raw  # the state was written ...
     for key in secrets:  # ... and holds fingerprints, not keys
         assert key.encode() not in raw and key[-24:].encode() not in raw
+
+
+def test_status_into_a_closed_pipe_ends_quietly(
+    mock_provider: MockFactory, daemon: DaemonFactory
+) -> None:
+    # `routerd status --json | head -1`: the reader leaves before the report is written.
+    key = canary("a")
+    mock = mock_provider(MockSpec(keys={key: KeySpec("a")}, models={"m": ModelSpec()}))
+    config = f"""
+[providers.p]
+kind = "openai-compatible"
+base_url = "{mock.base_url}"
+credentials = [{{ label = "a", key_env = "KEY_A" }}]
+
+[routes.main]
+chain = ["p/m"]
+"""
+    daemon_process = daemon(config, env={"KEY_A": key})
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        child_env = {k: v for k, v in os.environ.items() if not k.startswith("ROUTERD_")}
+        result = subprocess.run(
+            [sys.executable, "-m", "routerd", "status", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**child_env, "ROUTERD_SOCKET": str(daemon_process.socket_path)},
+            timeout=30,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,6 +110,36 @@ def test_unreadable_key_file_is_named(tmp_path: Path) -> None:
             resolve_secrets(parse_config(text), environ=environ)
         assert f"cannot read key file {locked}: Permission denied" in str(info.value)
         assert CANARY not in str(info.value)
+
+
+def test_a_fifo_key_file_is_refused_at_once(tmp_path: Path) -> None:
+    # Opening a FIFO with no writer used to block serve and check forever.
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    environ = {"OPENAI_API_KEY": "a", "ANTHROPIC_API_KEY": "b"}
+    text = BASE.replace('key_env = "OPENAI_CI_KEY"', f'key_file = "{fifo}"')
+    with pytest.raises(ConfigError) as info:
+        resolve_secrets(parse_config(text), environ=environ)
+    assert str(info.value).endswith(
+        f"key file {fifo} is not a regular file (a FIFO, socket or device)"
+    )
+
+
+def test_a_fifo_key_file_does_not_hang_routerd_check(tmp_path: Path) -> None:
+    fifo = tmp_path / "key.fifo"
+    os.mkfifo(fifo)
+    config = tmp_path / "config.toml"
+    config.write_text(BASE.replace('key_env = "OPENAI_CI_KEY"', f'key_file = "{fifo}"'))
+    env = {**os.environ, "OPENAI_API_KEY": "a", "ANTHROPIC_API_KEY": "b"}
+    done = subprocess.run(
+        [sys.executable, "-m", "routerd", "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "is not a regular file" in done.stdout
 
 
 def test_pool_label_clash_and_label_without_key_are_problems() -> None:
