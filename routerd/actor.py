@@ -83,6 +83,11 @@ class CredentialActor:
             # it: the state is updated, only the log line is lost.
             self.dropped += 1
 
+    def close(self) -> None:
+        """Close the mailbox of an actor that will not run (or no longer runs)."""
+        self._send.close()
+        self._receive.close()
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve the mailbox until cancelled; wake when a cooldown or a park runs out."""
         task_status.started()

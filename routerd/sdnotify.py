@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import os
 import socket
+import time
 
 import anyio
 
@@ -72,6 +73,16 @@ def notify(*states: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def reloading() -> tuple[str, str]:
+    """The states that announce a reload: RELOADING=1 with the CLOCK_MONOTONIC time.
+
+    systemd (>= 253) wants MONOTONIC_USEC beside RELOADING=1 to tell this reload from an
+    earlier one; READY=1 afterwards ends it, whether the new config was taken or refused.
+    """
+    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    return "RELOADING=1", f"MONOTONIC_USEC={usec}"
 
 
 def watchdog_interval() -> float | None:

@@ -350,6 +350,8 @@ def test_service_runs_as_a_hardened_notify_service() -> None:
         "WatchdogSec": ["30"],
         "TimeoutStopSec": ["45"],
         "Restart": ["on-failure"],
+        "ExecReload": ["/bin/kill -HUP $MAINPID"],
+        "LimitNOFILE": ["65536"],
     }
     assert {key: service.get(key) for key in expected} == expected
     assert service["ExecStart"][0].startswith("/usr/local/bin/routerd serve --config ")
