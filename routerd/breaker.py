@@ -4,7 +4,8 @@ closed: calls flow (until the target first answers, one call at a time for a sho
 probation, so a cold start does not send a whole burst to a dead target).
 suspect: the last call failed, so one call at a time probes the target while the others
 go elsewhere. open: no calls until ``until``, then one half-open probe; its success
-closes the breaker, its failure opens it again for twice as long.
+closes the breaker, its failure opens it again for twice as long (up to ``max_open_s``).
+Calls already in flight when it opens do not extend it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import enum
 from dataclasses import dataclass
 
 PROBATION_S = 2.0
+# Doublings past this are capped by max_open_s anyway; the bound keeps 2**n a finite float
+# however many openings a state file says there were.
+MAX_DOUBLINGS = 1000
 
 
 class BreakerState(enum.StrEnum):
@@ -101,15 +105,26 @@ class Breaker:
         return before
 
     def failed(self, now: float, probe: bool) -> BreakerState:
-        """The target is unhealthy (target_down); returns the state before, for logging."""
+        """The target is unhealthy (target_down); returns the state before, for logging.
+
+        One outage is one episode: once the breaker is open, only its half-open probe
+        can keep it open longer. A call sent before it opened that fails now says nothing
+        new, so it neither lengthens the open time nor counts as another opening.
+        """
         before = self.state
         self._end_probe(probe)
         self.failures += 1
         self.consecutive_failures += 1
+        # Only one probe runs while half-open (``admits``), so a probe failing then is the
+        # half-open probe; any other call failing while open or half-open was sent earlier.
+        stale = before is BreakerState.OPEN or (before is BreakerState.HALF_OPEN and not probe)
+        if stale:
+            return before
         if before is BreakerState.HALF_OPEN or self.consecutive_failures >= self.failure_threshold:
             self.opens += 1
             self.state = BreakerState.OPEN
-            self.until = now + min(self.open_s * 2 ** (self.opens - 1), self.max_open_s)
+            doublings = min(max(self.opens - 1, 0), MAX_DOUBLINGS)
+            self.until = now + min(self.open_s * 2.0**doublings, self.max_open_s)
         elif before is BreakerState.CLOSED:
             self.state = BreakerState.SUSPECT
         return before
