@@ -29,8 +29,11 @@ import structlog
 from routerd_client.errors import InternalError, RouterdError
 
 from routerd import __version__
+from routerd.budget import BudgetExhausted, BufferBudget
 from routerd.dispatch import Dispatcher, Reply
 from routerd.front import anthropic_request, anthropic_shape, openai_shape
+from routerd.front.body import BodyTimeout, BodyTooLarge, read_body
+from routerd.front.connections import CLIENT_KEY
 from routerd.front.errors import HttpError, front_error, routed_error
 from routerd.front.metrics import CONTENT_TYPE, Metrics
 from routerd.front.wire import JSON, SSE, Api, ShapeError, encode, served_by
@@ -56,12 +59,15 @@ class StreamEncoder(Protocol):
 
 @dataclass(eq=False)
 class FrontState:
-    """What every listener's app shares: the dispatcher, metrics, and the requests in flight."""
+    """What every listener's app shares: the dispatcher, metrics, the buffer budget that
+    bodies still arriving draw on, and the requests in flight."""
 
     dispatcher: Dispatcher
     metrics: Metrics
     draining: Callable[[], bool]
     max_body: int
+    budget: BufferBudget
+    read_timeout_s: float = 30.0
     active: set[anyio.CancelScope] = field(default_factory=set)
     stopping: bool = False
 
@@ -70,10 +76,6 @@ class FrontState:
         self.stopping = True
         for scope in list(self.active):
             scope.cancel()
-
-
-class _TooLarge(Exception):
-    """The request body is larger than server.max_frame."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +95,7 @@ class _Request:
     method: str
     path: str
     headers: dict[str, str]
+    client: str  # who sent it, the dispatcher's fairness key
 
 
 class FrontApp:
@@ -113,6 +116,7 @@ class FrontApp:
                 name.decode("latin-1").lower(): value.decode("latin-1")
                 for name, value in scope.get("headers", [])
             },
+            client=_client_of(scope),
         )
         api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
         if self._token is not None and not self._authorized(request.headers):
@@ -128,9 +132,18 @@ class FrontApp:
             return
         try:
             await self._route(request, api, receive, send)
-        except _TooLarge:
+        except BodyTooLarge:
             message = f"the request body exceeds server.max_frame ({self.state.max_body} bytes)"
-            await _reply_error(send, front_error(api, "request_too_large", message))
+            await _reply_error(send, front_error(api, "request_too_large", message), close=True)
+        except BodyTimeout:
+            message = (
+                f"the request body did not arrive whole within server.read_timeout_s "
+                f"({self.state.read_timeout_s:g} s)"
+            )
+            await _reply_error(send, front_error(api, "request_timeout", message), close=True)
+        except BudgetExhausted as exc:
+            error = front_error(api, "unavailable", str(exc), retry=True)
+            await _reply_error(send, error, retry_after_s=1, close=True)
         except ShapeError as exc:
             await _reply_error(send, front_error(api, "bad_request", str(exc)))
 
@@ -230,6 +243,7 @@ class FrontApp:
                 deadline=deadline,
                 priority=priority,
                 on_delta=on_delta if stream else None,
+                client=request.client,
             )
 
         outcome, gone = await self._guarded(receive, dispatch)
@@ -292,24 +306,14 @@ class FrontApp:
         return outcome, gone
 
     async def _read_body(self, request: _Request, receive: Receive) -> bytes | None:
-        """The whole body, None if the client left first; raises _TooLarge past max_frame."""
-        limit = self.state.max_body
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise _TooLarge
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk: bytes = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _TooLarge
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        """The whole body within the budget and the read timeout; None if the client left."""
+        return await read_body(
+            receive,
+            request.headers.get("content-length"),
+            limit=self.state.max_body,
+            budget=self.state.budget,
+            timeout_s=self.state.read_timeout_s,
+        )
 
     # ---- the rest ---------------------------------------------------------------------
 
@@ -348,6 +352,7 @@ class FrontApp:
             "status": "draining" if draining else "ok",
             "version": __version__,
             "in_flight": self.state.dispatcher.in_flight,
+            "buffer_budget": {"used": self.state.budget.used, "limit": self.state.budget.limit},
         }
         await _reply_json(send, 503 if draining else 200, encode(body))
 
@@ -373,6 +378,17 @@ def _routing_headers(headers: dict[str, str]) -> tuple[float | None, int]:
     return deadline, priority
 
 
+def _client_of(scope: Scope) -> str:
+    """The sender's name: the peer's pid on the Unix socket, host:port on TCP."""
+    named = scope.get(CLIENT_KEY)
+    if isinstance(named, str):
+        return named
+    client = scope.get("client")
+    if client:
+        return f"tcp:{client[0]}:{client[1]}"
+    return "http"
+
+
 def _length(content: bytes) -> tuple[bytes, bytes]:
     return (b"content-length", str(len(content)).encode())
 
@@ -386,10 +402,15 @@ async def _reply_json(send: Send, status: int, content: bytes) -> None:
     await send({"type": "http.response.body", "body": content})
 
 
-async def _reply_error(send: Send, error: HttpError, *, retry_after_s: int | None = None) -> None:
+async def _reply_error(
+    send: Send, error: HttpError, *, retry_after_s: int | None = None, close: bool = False
+) -> None:
+    """Send ``error``; ``close`` when the rest of the request will not be read."""
     content = error.encode()
     headers = [*error.headers, _length(content)]
     if retry_after_s is not None:
         headers.append((b"retry-after", str(retry_after_s).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
     await _start(send, error.status, headers)
     await send({"type": "http.response.body", "body": content})

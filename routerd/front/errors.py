@@ -71,6 +71,10 @@ KINDS: dict[str, Mapping] = {
     "request_too_large": Mapping(
         413, "invalid_request_error", "request_too_large", 413, "request_too_large"
     ),
+    # The client stopped sending its body: the SDKs retry a 408 on a new connection.
+    "request_timeout": Mapping(
+        408, "invalid_request_error", "request_timeout", 408, "timeout_error"
+    ),
 }
 
 

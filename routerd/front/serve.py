@@ -4,7 +4,9 @@ The sockets are bound before the daemon's task group starts, so a port in use, a
 token or a non-loopback address stops the daemon with one clear line instead of a
 traceback. uvicorn runs as a task of the daemon's task group: one uvicorn Server per kind
 of listener (the Unix socket needs no token, TCP does), its signal handlers left out since
-the daemon owns SIGTERM and SIGINT, its stop driven by the daemon's drain.
+the daemon owns SIGTERM and SIGINT, its stop driven by the daemon's drain. Each kind of
+listener has its own connection cap; the limits on connections themselves live in
+routerd.front.connections, those on request bodies in routerd.front.body.
 """
 
 from __future__ import annotations
@@ -24,16 +26,13 @@ import structlog
 import uvicorn
 from anyio.abc import TaskStatus
 
+from routerd.budget import BufferBudget
 from routerd.config import ServerConfig
 from routerd.dispatch import Dispatcher
 from routerd.front.app import FrontApp, FrontState
+from routerd.front.connections import AcceptErrors, Gate, front_protocol
 from routerd.front.metrics import Metrics
-from routerd.peers import PeerPolicy, peer_of
-
-try:
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _Protocol
-except ImportError:  # httptools is optional for uvicorn; h11 always comes with it
-    from uvicorn.protocols.http.h11_impl import H11Protocol as _Protocol  # type: ignore[assignment]
+from routerd.peers import PeerPolicy
 
 log = structlog.get_logger("routerd.front")
 
@@ -45,28 +44,6 @@ _STOP_TIMEOUT_S = 5.0
 
 class FrontError(RuntimeError):
     """The HTTP front cannot start as configured; the message says why and what to change."""
-
-
-class _UnixProtocol(_Protocol):
-    """uvicorn's HTTP protocol with the msgpack front's peer check (SO_PEERCRED)."""
-
-    peers: PeerPolicy | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Serve as usual, unless the peer is not allowed: then hang up at once."""
-        super().connection_made(transport)
-        sock = transport.get_extra_info("socket")
-        peer = None if sock is None else peer_of(sock)
-        if self.peers is not None and not self.peers.allows(peer):
-            log.warning("peer_refused", peer=peer, front="http")
-            transport.close()
-            return
-        log.debug("http_client_connected", peer=peer)
-
-
-def _unix_protocol(peers: PeerPolicy | None) -> type[_UnixProtocol]:
-    """The protocol class uvicorn instantiates per connection, bound to this policy."""
-    return type("_UnixProtocol", (_UnixProtocol,), {"peers": peers})
 
 
 class _Server(uvicorn.Server):
@@ -189,12 +166,16 @@ class HttpFront:
         tcp: list[_Listener],
         token: str | None,
         peers: PeerPolicy | None = None,
+        max_connections: int = 1000,
+        keepalive_s: float = 5.0,
     ) -> None:
         self.state = state
         self.unix = unix
         self.tcp = tcp
         self._token = token
         self._peers = peers
+        self._max_connections = max_connections
+        self._keepalive_s = keepalive_s
         self._servers: list[_Server] = []
         self._stopped = anyio.Event()
 
@@ -208,9 +189,15 @@ class HttpFront:
         draining: Callable[[], bool],
         environ: Mapping[str, str] | None = None,
         peers: PeerPolicy | None = None,
+        budget: BufferBudget | None = None,
+        max_connections: int | None = None,
     ) -> HttpFront | None:
         """Bind the configured listeners; None when neither http_socket nor http_listen is set.
 
+        ``budget`` is the daemon's buffer budget, shared with the msgpack front (a budget
+        of server.buffer_budget of the front's own when None); ``max_connections`` caps the
+        open connections of each kind of listener (server.max_connections when None; the
+        daemon passes less when its file-descriptor limit allows less).
         Raises FrontError (a RuntimeError) with a message for the operator.
         """
         if server.http_socket is None and server.http_listen is None:
@@ -230,15 +217,30 @@ class HttpFront:
                     _close(unix)
                 raise
             tcp = [_Listener(sock, _address(sock), None) for sock in socks]
-        state = FrontState(dispatcher, metrics, draining, server.max_frame)
-        return cls(state, unix=unix, tcp=tcp, token=token, peers=peers)
+        state = FrontState(
+            dispatcher,
+            metrics,
+            draining,
+            server.max_frame,
+            budget=budget if budget is not None else BufferBudget(server.buffer_budget),
+            read_timeout_s=server.read_timeout_s,
+        )
+        return cls(
+            state,
+            unix=unix,
+            tcp=tcp,
+            token=token,
+            peers=peers,
+            max_connections=server.max_connections if max_connections is None else max_connections,
+            keepalive_s=server.http_keepalive_s,
+        )
 
     @property
     def addresses(self) -> list[str]:
         """Where the front listens: the Unix socket's path and each TCP host:port."""
         return ([self.unix.address] if self.unix else []) + [t.address for t in self.tcp]
 
-    def _config(self, app: FrontApp, protocol: type[asyncio.Protocol] | str) -> uvicorn.Config:
+    def _config(self, app: FrontApp, protocol: type[asyncio.Protocol]) -> uvicorn.Config:
         return uvicorn.Config(
             app,
             http=protocol,
@@ -251,28 +253,47 @@ class HttpFront:
             proxy_headers=False,
             server_header=False,
             timeout_graceful_shutdown=_GRACEFUL_S,
+            # uvicorn annotates an int, but only hands it to loop.call_later (seconds).
+            timeout_keep_alive=self._keepalive_s,  # type: ignore[arg-type]
         )
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop() (or cancellation); the sockets are closed on the way out."""
         plan: list[tuple[_Server, list[socket.socket]]] = []
+        head_timeout_s = self.state.read_timeout_s
         if self.unix is not None:
             app = FrontApp(self.state, token=None)
-            protocol = _unix_protocol(self._peers)
+            gate = Gate("unix", self._max_connections)
+            protocol = front_protocol(gate, head_timeout_s, self._peers)
             plan.append((_Server(self._config(app, protocol)), [self.unix.sock]))
         if self.tcp:
             app = FrontApp(self.state, token=self._token)
-            plan.append((_Server(self._config(app, "auto")), [t.sock for t in self.tcp]))
+            gate = Gate("tcp", self._max_connections)
+            protocol = front_protocol(gate, head_timeout_s, None)
+            plan.append((_Server(self._config(app, protocol)), [t.sock for t in self.tcp]))
         self._servers = [server for server, _ in plan]
+        accept_errors = AcceptErrors(sock for _, socks in plan for sock in socks)
+        accept_errors.install(asyncio.get_running_loop())
         try:
             async with anyio.create_task_group() as tg:
                 for server, socks in plan:
                     tg.start_soon(_run, server, socks)
                 # The sockets already listen: a client connecting now waits in the backlog.
-                log.info("http_listening", addresses=self.addresses, token=bool(self._token))
+                log.info(
+                    "http_listening",
+                    addresses=self.addresses,
+                    token=bool(self._token),
+                    max_connections=self._max_connections,
+                )
                 task_status.started()
         finally:
             self._close_all()
+            # The retries of accept() that failed just before the close still fire; the
+            # handler that knows them for noise stays until they have.
+            if (pending := accept_errors.retries_pending_s()) > 0:
+                with anyio.CancelScope(shield=True):
+                    await anyio.sleep(pending)
+            accept_errors.uninstall()
             self._stopped.set()
 
     async def stop(self) -> None:
