@@ -3,29 +3,32 @@
 Each attempt leases a credential (synchronously, in the same event-loop step as the plan),
 calls the upstream adapter, and settles the outcome on the credential and the target's
 breaker. Key switches are free; re-trying targets that already failed uses the route's
-retry budget. When nothing is free the request waits, fairly, for the earliest reset
-inside its deadline.
+retry budget. When nothing is free the request waits in the route's fair queue
+(``queue.py``) for the earliest reset inside its deadline. Routes for provider/model names
+that no route names are made on demand and kept within bounds (``adhoc.py``).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import structlog
-from routerd_client.errors import RouterdError, error_from_message
-from routerd_client.protocol import Attempt, Error
+from routerd_client.errors import RouterdError
+from routerd_client.protocol import Attempt
 
 from routerd.actor import CredentialActor
+from routerd.adhoc import Route as Route  # lives with the route table; re-exported
+from routerd.adhoc import RouteTable
 from routerd.credential import Health
 from routerd.outcome import Failure, FailureClass, UpstreamFailure
 from routerd.plan import Candidate, Exclusions, Plan, Target, plan
+from routerd.queue import Waiter, give_up, hopeless
+from routerd.queue import routerd_error as routerd_error  # re-exported, as before
 from routerd.tokens import estimate_prompt, output_allowance
 from routerd.upstream.base import Adapter, Call, Completion, Delta
 
@@ -55,17 +58,6 @@ class Reply:
 
 
 @dataclass(slots=True)
-class Route:
-    """A named chain of targets and the budget a request on it gets."""
-
-    name: str
-    chain: list[Target]
-    deadline_s: float
-    retries: int
-    queue: list[_Waiter] = field(default_factory=list)
-
-
-@dataclass(slots=True)
 class ProviderRuntime:
     """What an attempt needs from a provider besides its credentials."""
 
@@ -74,33 +66,6 @@ class ProviderRuntime:
     base_url: str
     timeout_s: float
     headers: dict[str, str]
-
-
-@dataclass(slots=True, eq=False)
-class _Waiter:
-    priority: int
-    seq: int
-    event: anyio.Event = field(default_factory=anyio.Event)
-
-
-def routerd_error(
-    kind: str,
-    message: str,
-    attempts: list[Attempt] | None = None,
-    retry_after: float | None = None,
-    details: dict[str, Any] | None = None,
-) -> RouterdError:
-    """Build the client-visible typed error (the one error tree, shared with the client)."""
-    return error_from_message(
-        Error(
-            id=None,
-            kind=kind,
-            message=message,
-            retry_after=None if retry_after is None else round(max(0.0, retry_after), 3),
-            attempts=attempts or [],
-            details=details,
-        )
-    )
 
 
 def merge_tool_calls(merged: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
@@ -135,9 +100,19 @@ class Dispatcher:
         default_deadline_s: float = 120.0,
         observer: Observer | None = None,
         make_target: Callable[[str], Target | None] | None = None,
+        max_adhoc_targets: int = 256,
+        adhoc_idle_s: float = 600.0,
+        on_drop: Callable[[str], None] = lambda name: None,
     ) -> None:
-        self.routes = routes
-        self.targets = targets
+        self._table = RouteTable(
+            routes,
+            targets,
+            make_target,
+            deadline_s=default_deadline_s,
+            limit=max_adhoc_targets,
+            idle_s=adhoc_idle_s,
+            on_drop=on_drop,
+        )
         self.actors = actors
         self.providers = providers
         self.rotations: dict[str, int] = {}
@@ -146,31 +121,41 @@ class Dispatcher:
         self._rng = rng or random.Random()
         self._on_change = on_change
         self._observer = observer
-        self._default_deadline_s = default_deadline_s
-        self._make_target = make_target
-        self._seq = itertools.count()
         self._idle: anyio.Event | None = None
+        # The routes that had waiters since the last notify: only they need a look.
+        self._queued: dict[str, Route] = {}
 
     # ---- routes -----------------------------------------------------------------------
 
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Every route by name: the config's and the ad-hoc ones."""
+        return self._table.routes
+
+    @routes.setter
+    def routes(self, routes: dict[str, Route]) -> None:
+        self._table.routes = routes
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        """Every target by name: the config's and the ad-hoc ones."""
+        return self._table.targets
+
+    @targets.setter
+    def targets(self, targets: dict[str, Target]) -> None:
+        self._table.targets = targets
+
     def resolve(self, name: str) -> Route:
-        """The route named ``name``, or a one-target route for a "provider/model" name."""
-        route = self.routes.get(name)
-        if route is not None:
-            return route
-        target = self.targets.get(name)
-        if target is None and self._make_target is not None:
-            target = self._make_target(name)
-        if target is None:
-            known = ", ".join(sorted(self.routes)) or "none"
-            raise routerd_error(
-                "unknown_route",
-                f"unknown route {name!r}: known routes are {known}, "
-                "or name a target as provider/model",
-            )
-        route = Route(name, [target], self._default_deadline_s, 2)
-        self.routes[name] = route
-        return route
+        """The route named ``name``, or a one-target route for a "provider/model" name.
+
+        A target no route names is ad hoc: kept while used, dropped once unused for
+        server.adhoc_idle_s, and at most server.max_adhoc_targets of them at once.
+        """
+        return self._table.resolve(name, self._clock())
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop the ad-hoc targets that no request used for server.adhoc_idle_s."""
+        self._table.sweep(self._clock() if now is None else now)
 
     async def wait_idle(self) -> None:
         """Return once no request is in flight (the drain on shutdown waits on this)."""
@@ -181,16 +166,27 @@ class Dispatcher:
     # ---- waking waiters ---------------------------------------------------------------
 
     def notify(self) -> None:
-        """Capacity may have freed up: wake every waiter, highest priority and oldest first."""
-        for route in self.routes.values():
-            for waiter in route.queue:
-                waiter.event.set()
+        """Capacity may have freed up: on each route, wake the one waiter that may use it."""
+        now = self._clock()
+        for name, route in list(self._queued.items()):
+            if route.queue:
+                route.queue.kick(self._assess(route), now)
+            else:
+                del self._queued[name]
 
-    def _enqueue(self, route: Route, priority: int) -> _Waiter:
-        waiter = _Waiter(priority, next(self._seq))
-        route.queue.append(waiter)
-        route.queue.sort(key=lambda w: (-w.priority, w.seq))
-        return waiter
+    def _assess(self, route: Route) -> Callable[[int, int, Exclusions, float], Plan]:
+        def assess(tokens: int, prompt: int, exclusions: Exclusions, now: float) -> Plan:
+            return plan(
+                route.chain,
+                tokens,
+                now,
+                prompt_tokens=prompt,
+                exclusions=exclusions,
+                rotations=self.rotations,
+                rng=self._rng,
+            )
+
+        return assess
 
     # ---- one request ------------------------------------------------------------------
 
@@ -210,10 +206,10 @@ class Dispatcher:
         ``client`` names who sent it (a connection or a peer process), so that waiting
         requests are served fairly across clients.
         """
-        route = self.resolve(route_name)
         messages = request.get("messages")
         if not isinstance(messages, list) or not messages:
             raise routerd_error("bad_request", "request.messages must be a non-empty list")
+        route = self.resolve(route_name)
         budget = route.deadline_s if deadline is None else deadline
         if not budget > 0:
             raise routerd_error("bad_request", f"deadline must be positive, got {deadline}")
@@ -221,11 +217,12 @@ class Dispatcher:
         deadline_at = started + budget
         attempts: list[Attempt] = []
         self.in_flight += 1
+        route.active += 1
         outcome = "cancelled"
         try:
             with anyio.move_on_after(budget):
                 reply = await self._serve(
-                    route, request, stream, deadline_at, priority, on_delta, attempts
+                    route, request, stream, deadline_at, (priority, client), on_delta, attempts
                 )
                 outcome = "ok"
                 return reply
@@ -240,6 +237,8 @@ class Dispatcher:
             raise
         finally:
             self.in_flight -= 1
+            route.active -= 1
+            self._table.used(route, self._clock())
             if not self.in_flight and self._idle is not None:
                 self._idle.set()
             last = attempts[-1] if attempts else None
@@ -263,7 +262,7 @@ class Dispatcher:
         request: dict[str, Any],
         stream: bool,
         deadline_at: float,
-        priority: int,
+        sender: tuple[int, str],
         on_delta: OnDelta | None,
         attempts: list[Attempt],
     ) -> Reply:
@@ -271,32 +270,43 @@ class Dispatcher:
         tokens = prompt + output_allowance(request)
         exclusions = Exclusions()
         retries_left = route.retries
-        waiter: _Waiter | None = None
+        queue, assess = route.queue, self._assess(route)
+        waiter: Waiter | None = None
         last_failure: Failure | None = None
+
+        def wait_in_line() -> Waiter:
+            """This request's place in the queue (taken now, if it has none), not yet granted."""
+            if waiter is not None:
+                waiter.granted = False
+                return waiter
+            queued = Waiter(*sender, tokens, prompt, exclusions, deadline_at)
+            queue.push(queued)
+            self._queued[route.name] = route
+            return queued
+
+        def pass_on() -> None:
+            """Once this request's lease is taken, the next waiter may use what is left."""
+            queue.kick(assess, self._clock())
+
         try:
-            if route.queue:
-                # Others already wait on this route: queue behind them, not ahead.
-                waiter = self._enqueue(route, priority)
-                self.notify()
-                await waiter.event.wait()
+            if queue:
+                # Others already wait on this route: take a fair place among them, not the
+                # front, and go when a walk of the queue says so.
+                waiter = wait_in_line()
+                queue.kick(assess, self._clock())
+                await queue.wait(waiter, assess, self._clock)
             while True:
                 now = self._clock()
-                decision = plan(
-                    route.chain,
-                    tokens,
-                    now,
-                    prompt_tokens=prompt,
-                    exclusions=exclusions,
-                    rotations=self.rotations,
-                    rng=self._rng,
-                )
+                decision = assess(tokens, prompt, exclusions, now)
                 if decision.candidates and len(attempts) < MAX_ATTEMPTS:
+                    leased = None
                     if waiter is not None:
-                        route.queue.remove(waiter)
+                        queue.remove(waiter, served=True)
                         waiter = None
+                        leased = pass_on
                     candidate = decision.candidates[0]
                     outcome = await self._attempt(
-                        candidate, request, prompt, tokens, stream, on_delta, attempts
+                        candidate, request, prompt, tokens, stream, on_delta, attempts, leased
                     )
                     if isinstance(outcome, Reply):
                         return outcome
@@ -309,25 +319,20 @@ class Dispatcher:
                     retries_left -= 1
                     exclusions.down.clear()
                     continue
-                free_at = decision.free_at
+                # A long request whose lanes are all cooling is told at once (hopeless), so the
+                # agent can compact and resend instead of waiting out the lane.
                 if (
                     len(attempts) >= MAX_ATTEMPTS
-                    or free_at is None
-                    or free_at >= deadline_at
                     or _all_excluded(route, exclusions)
-                    # A long request whose lanes are all cooling is told at once, so the agent
-                    # can compact and resend instead of waiting out the lane.
-                    or decision.blocked is FailureClass.LONG_CONTEXT_LIMITED
+                    or hopeless(decision, deadline_at)
                 ):
-                    raise self._give_up(route, decision, attempts, last_failure, now, tokens)
-                if waiter is None:
-                    waiter = self._enqueue(route, priority)
-                waiter.event = anyio.Event()
-                with anyio.move_on_after(free_at - now if free_at < math.inf else math.inf):
-                    await waiter.event.wait()
+                    raise give_up(route.name, decision, attempts, last_failure, now, tokens)
+                waiter = wait_in_line()
+                queue.kick(assess, now)
+                await queue.wait(waiter, assess, self._clock)
         finally:
-            if waiter is not None and waiter in route.queue:
-                route.queue.remove(waiter)
+            if waiter is not None:
+                queue.leave(waiter, assess, self._clock())
 
     @staticmethod
     def _exclude(candidate: Candidate, failure: Failure, exclusions: Exclusions) -> None:
@@ -358,8 +363,12 @@ class Dispatcher:
         stream: bool,
         on_delta: OnDelta | None,
         attempts: list[Attempt],
+        leased: Callable[[], None] | None = None,
     ) -> Reply | Failure:
-        """One call with one credential; settles its outcome; a Failure means try again."""
+        """One call with one credential; settles its outcome; a Failure means try again.
+
+        ``leased`` runs once the credential is leased, before the first await.
+        """
         target = candidate.target
         credential = candidate.credential
         actor = self.actors[(credential.provider, credential.label)]
@@ -369,6 +378,8 @@ class Dispatcher:
         lease = credential.lease(now, tokens, long=candidate.long)
         self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
         probe = target.breaker.dispatched(now)
+        if leased is not None:
+            leased()
         headers = provider.headers
         if candidate.long and target.long_context_headers:
             headers = _merge_headers(headers, target.long_context_headers)
@@ -488,61 +499,6 @@ class Dispatcher:
                 limits=upstream.limits,
                 tool_calls=tool_calls or None,
             )
-
-    def _give_up(
-        self,
-        route: Route,
-        decision: Plan,
-        attempts: list[Attempt],
-        last: Failure | None,
-        now: float,
-        tokens: int,
-    ) -> RouterdError:
-        retry_after = None
-        if decision.free_at is not None and decision.free_at < math.inf:
-            retry_after = decision.free_at - now
-        if decision.blocked is not None:
-            kind = decision.blocked.value
-        elif last is not None:
-            kind = last.cls.value
-        else:
-            kind = FailureClass.TARGET_DOWN.value
-        last_error = f"; last error: {last.message}" if last is not None else ""
-        if kind == FailureClass.LONG_CONTEXT_LIMITED.value:
-            back_in = None
-            if decision.long_lane_back_at is not None:
-                back_in = round(max(0.0, decision.long_lane_back_at - now), 3)
-            window = decision.available_window
-            return routerd_error(
-                "context_tier_downgrade",
-                f"route {route.name!r}: every long-context lane that could hold about {tokens} "
-                f"tokens is cooling; the largest window available now is {window} tokens, "
-                f"long context expected back in {back_in} s{last_error}",
-                attempts,
-                back_in,
-                {
-                    "largest_window": window,
-                    "long_lane_back_in": back_in,
-                    "requested_tokens": tokens,
-                },
-            )
-        if kind == FailureClass.CONTEXT_OVERFLOW.value:
-            return routerd_error(
-                kind,
-                f"route {route.name!r}: the request needs about {tokens} tokens; the largest "
-                f"context window in its chain is {decision.largest_window}{last_error}",
-                attempts,
-                None,
-                {"requested_tokens": tokens, "largest_window": decision.largest_window},
-            )
-        reasons = {
-            "rate_limited": "every credential is cooling past the deadline",
-            "quota_exhausted": "every credential is out of quota",
-            "auth_failed": "every credential failed authentication",
-            "target_down": "every target is down",
-        }
-        message = f"route {route.name!r}: {reasons.get(kind, 'no target could serve it')}"
-        return routerd_error(kind, message + last_error, attempts, retry_after)
 
 
 def _merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:

@@ -67,6 +67,8 @@ def build_report(
     connections: int,
 ) -> StatusReport:
     """The StatusReport: the same data as `routerd status --json`."""
+    # Ad-hoc targets that expired leave the report (and /metrics) now, not at the next request.
+    dispatcher.sweep(now)
     targets = [
         TargetStatus(
             target=t.name,

@@ -1,15 +1,23 @@
-"""The dispatcher in-process, with scripted upstream adapters: long-context lanes and fit."""
+"""The dispatcher in-process, with scripted upstream adapters: long-context lanes and fit,
+and the bounds on ad-hoc targets (an injected clock drives their expiry)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import pytest
-from routerd_client import ContextOverflow, ContextTierDowngrade, RateLimited
+from routerd_client import (
+    ContextOverflow,
+    ContextTierDowngrade,
+    RateLimited,
+    Unavailable,
+    UnknownRoute,
+)
 
 from routerd.actor import CredentialActor
 from routerd.breaker import Breaker
@@ -231,3 +239,164 @@ async def test_a_key_that_always_answers_429_with_no_wait_is_not_hammered() -> N
         # Two keys cooled at least 0.1 s per 429 within a 1 s deadline: about 20 calls, not
         # thousands, and never more than one request's attempt cap.
         assert 2 <= len(adapter.calls) <= 32
+
+
+# ---- ad-hoc targets: requests that name provider/model instead of a route ----------------
+
+
+class HeldAdapter(ScriptedAdapter):
+    """A scripted adapter whose calls to ad-hoc models wait while ``gate`` is unset.
+
+    Calls to the configured route's model ("claude") are never held.
+    """
+
+    def __init__(self, keys: dict[str, str]) -> None:
+        super().__init__(lambda call, label: None, keys)
+        self.gate: anyio.Event | None = None
+        self.entered = 0
+
+    async def complete(self, call: Call) -> Completion:
+        self.entered += 1
+        if self.gate is not None and call.model != "claude":
+            await self.gate.wait()
+        return await super().complete(call)
+
+    async def until_entered(self, count: int) -> None:
+        """Wait until ``count`` calls reached the upstream."""
+        with anyio.fail_after(5):
+            while self.entered < count:  # noqa: ASYNC110 - a call has no event to wait on
+                await anyio.sleep(0.001)
+
+
+class Clock:
+    """An injected monotonic clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class Adhoc:
+    """A dispatcher that builds targets on demand, its upstream, clock, and dropped names."""
+
+    dispatcher: Dispatcher
+    adapter: HeldAdapter
+    clock: Clock
+    dropped: list[str]
+
+
+@asynccontextmanager
+async def adhoc(limit: int, idle_s: float) -> AsyncIterator[Adhoc]:
+    """The test dispatcher with route "r", building any "anthropic/<model>" on demand."""
+    base, _ = build(lambda call, label: None)
+    adapter = HeldAdapter({a.secret.key: a.secret.label for a in base.actors.values()})
+    pool = [a.state for a in base.actors.values()]
+
+    def make_target(name: str) -> Target | None:
+        provider, _, model = name.partition("/")
+        if provider != "anthropic" or not model:
+            return None
+        return Target(name, provider, model, "anthropic", "fill_first", Breaker(name), pool)
+
+    clock = Clock()
+    dropped: list[str] = []
+    dispatcher = Dispatcher(
+        base.routes,
+        base.targets,
+        base.actors,
+        {"anthropic": ProviderRuntime("anthropic", adapter, "http://x", 30.0, {})},
+        clock=clock,
+        make_target=make_target,
+        max_adhoc_targets=limit,
+        adhoc_idle_s=idle_s,
+        on_drop=dropped.append,
+    )
+    async with anyio.create_task_group() as tg:
+        for actor in dispatcher.actors.values():
+            await tg.start(actor.run)
+        yield Adhoc(dispatcher, adapter, clock, dropped)
+        tg.cancel_scope.cancel()
+
+
+async def test_an_idle_adhoc_target_expires_and_a_configured_one_never_does() -> None:
+    async with adhoc(limit=8, idle_s=600) as a:
+        configured = set(a.dispatcher.targets)
+        await a.dispatcher.chat("anthropic/m1", request(SHORT))
+        await a.dispatcher.chat("r", request(SHORT))
+        assert "anthropic/m1" in a.dispatcher.targets and "anthropic/m1" in a.dispatcher.routes
+        a.clock.now += 599
+        a.dispatcher.sweep()
+        assert "anthropic/m1" in a.dispatcher.targets
+        a.clock.now += 2
+        a.dispatcher.sweep()
+        assert "anthropic/m1" not in a.dispatcher.targets
+        assert "anthropic/m1" not in a.dispatcher.routes
+        assert a.dropped == ["anthropic/m1"]
+        assert set(a.dispatcher.targets) == configured and "r" in a.dispatcher.routes
+        # Named again, it is built afresh and served.
+        assert (await a.dispatcher.chat("anthropic/m1", request(SHORT))).target == "anthropic/m1"
+
+
+async def test_an_adhoc_target_with_a_request_in_flight_is_kept() -> None:
+    async with adhoc(limit=8, idle_s=10) as a:
+        a.adapter.gate = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.dispatcher.chat, "anthropic/slow", request(SHORT))
+            await a.adapter.until_entered(1)
+            a.clock.now += 60
+            a.dispatcher.sweep()
+            assert "anthropic/slow" in a.dispatcher.targets
+            a.adapter.gate.set()
+        # Idle time counts from the request's end, not its start.
+        a.clock.now += 9
+        a.dispatcher.sweep()
+        assert "anthropic/slow" in a.dispatcher.targets
+        a.clock.now += 2
+        a.dispatcher.sweep()
+        assert a.dropped == ["anthropic/slow"]
+
+
+async def test_past_the_cap_the_least_recently_used_idle_target_makes_room() -> None:
+    async with adhoc(limit=2, idle_s=600) as a:
+        for name in ("anthropic/a", "anthropic/b", "anthropic/a"):
+            await a.dispatcher.chat(name, request(SHORT))
+            a.clock.now += 1
+        await a.dispatcher.chat("anthropic/c", request(SHORT))
+        assert a.dropped == ["anthropic/b"]  # "a" was used after "b"
+        adhoc_names = {n for n in a.dispatcher.targets if n.startswith("anthropic/")} - {
+            "anthropic/claude"
+        }
+        assert adhoc_names == {"anthropic/a", "anthropic/c"}
+
+
+async def test_past_the_cap_with_every_adhoc_target_busy_a_new_name_gets_a_clear_error() -> None:
+    async with adhoc(limit=2, idle_s=600) as a:
+        a.adapter.gate = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.dispatcher.chat, "anthropic/a", request(SHORT))
+            tg.start_soon(a.dispatcher.chat, "anthropic/b", request(SHORT))
+            await a.adapter.until_entered(2)
+            with pytest.raises(Unavailable) as caught:
+                await a.dispatcher.chat("anthropic/c", request(SHORT))
+            assert "server.max_adhoc_targets = 2" in caught.value.message
+            assert caught.value.retry_after == 1.0
+            assert "anthropic/c" not in a.dispatcher.targets
+            # The configured route is untouched by the cap.
+            assert (await a.dispatcher.chat("r", request(SHORT))).target == "anthropic/claude"
+            a.adapter.gate.set()
+        assert a.dropped == []
+        # Once one is idle, the new name evicts it and is served.
+        assert (await a.dispatcher.chat("anthropic/c", request(SHORT))).target == "anthropic/c"
+        assert a.dropped == ["anthropic/a"]
+
+
+async def test_a_name_with_no_provider_is_an_unknown_route_and_takes_no_place() -> None:
+    async with adhoc(limit=1, idle_s=600) as a:
+        for name in ("nope/m1", "nope/m2", "just-a-name"):
+            with pytest.raises(UnknownRoute):
+                await a.dispatcher.chat(name, request(SHORT))
+        assert (await a.dispatcher.chat("anthropic/ok", request(SHORT))).target == "anthropic/ok"
+        assert a.dropped == []

@@ -8,6 +8,7 @@ prometheus_client's global one.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -92,12 +93,26 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_PoolCollector(snapshot))
+        # The request series of each route and target name, so a dropped ad-hoc target's
+        # series go with it (prometheus_client removes a child only by its exact labels).
+        self._series: dict[str, set[tuple[str, str, str]]] = {}
 
     def observe(self, route: str, target: str | None, outcome: str, latency_s: float) -> None:
         """Count one finished request; ``target`` is None when no upstream call was made."""
-        self.requests.labels(route, target or "", outcome).inc()
+        labels = (route, target or "", outcome)
+        self.requests.labels(*labels).inc()
+        self._series.setdefault(route, set()).add(labels)
         if target is not None:
+            self._series.setdefault(target, set()).add(labels)
             self.latency.labels(target).observe(latency_s)
+
+    def forget(self, name: str) -> None:
+        """Drop every series labelled with route or target ``name`` (an ad-hoc target gone)."""
+        for labels in self._series.pop(name, set()):
+            with contextlib.suppress(KeyError):
+                self.requests.remove(*labels)
+        with contextlib.suppress(KeyError):
+            self.latency.remove(name)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""
