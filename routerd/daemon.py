@@ -23,8 +23,10 @@ from routerd_client.protocol import StatusReport
 
 from routerd import __version__, sdnotify
 from routerd import state as state_file
+from routerd.accept import connection_cap
 from routerd.actor import CredentialActor
 from routerd.breaker import Breaker
+from routerd.budget import BufferBudget
 from routerd.config import Config, split_target
 from routerd.credential import CredentialState, LocalLimit
 from routerd.dispatch import Dispatcher, ProviderRuntime, Route
@@ -32,7 +34,7 @@ from routerd.front import HttpFront, Metrics
 from routerd.peers import PeerPolicy
 from routerd.plan import Target
 from routerd.secrets import Secret
-from routerd.server import Connection
+from routerd.server import Connection, serve_clients
 from routerd.status import build_report
 from routerd.upstream import adapter_for
 
@@ -111,6 +113,8 @@ class Daemon:
         self._save_lock = anyio.Lock()
         self._owns_socket = False
         self.peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
+        # Bytes all incomplete frames and request bodies may hold, shared by both fronts.
+        self.buffer_budget = BufferBudget(config.server.buffer_budget)
         # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
@@ -148,12 +152,15 @@ class Daemon:
             self._targets,
             self.actors,
             providers,
-            make_target=self.target,
+            make_target=lambda name: self.target(name, keep=False),
             clock=clock,
             rng=random.Random(),
             on_change=self._changed,
             default_deadline_s=max((r.deadline_s for r in config.routes.values()), default=120.0),
             observer=self.metrics.observe,
+            max_adhoc_targets=config.server.max_adhoc_targets,
+            adhoc_idle_s=config.server.adhoc_idle_s,
+            on_drop=self.metrics.forget,
         )
 
     def _build_actors(self, secrets: list[Secret]) -> dict[tuple[str, str], CredentialActor]:
@@ -181,8 +188,13 @@ class Daemon:
             )
         return actors
 
-    def target(self, name: str) -> Target | None:
-        """The target "provider/model" (built once), None when the provider is unknown."""
+    def target(self, name: str, *, keep: bool = True) -> Target | None:
+        """The target "provider/model", None when the provider is unknown.
+
+        The config's targets are built once and kept (chains share them). One a request
+        names is built with ``keep`` False: the dispatcher alone keeps it, within
+        server.max_adhoc_targets and server.adhoc_idle_s.
+        """
         if name in self._targets:
             return self._targets[name]
         try:
@@ -207,7 +219,8 @@ class Daemon:
             long_context_window=model_config.long_context_window if model_config else None,
             long_context_headers=LONG_CONTEXT_HEADERS.get(provider_config.kind, {}),
         )
-        self._targets[name] = target
+        if keep:
+            self._targets[name] = target
         return target
 
     # ---- state ------------------------------------------------------------------------
@@ -297,6 +310,8 @@ class Daemon:
                 status=self.status,
                 draining=lambda: self.draining,
                 version=VERSION,
+                budget=self.buffer_budget,
+                read_timeout_s=self.config.server.read_timeout_s,
                 peers=self.peers,
             )
             await connection.serve()
@@ -349,9 +364,14 @@ class Daemon:
                 async with anyio.create_task_group() as connections:
                     accepting = anyio.CancelScope()
 
+                    front = len(self.front.addresses) if self.front is not None else 0
+                    cap = connection_cap(self.config.server.max_connections, listeners=1 + front)
+
                     async def accept() -> None:
                         with accepting:
-                            await listener.serve(self._handle, task_group=connections)
+                            await serve_clients(
+                                listener, self._handle, max_connections=cap, task_group=connections
+                            )
 
                     connections.start_soon(accept)
                     log.info("listening", socket=str(self.socket_path), pid=os.getpid())

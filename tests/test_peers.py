@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import grp
 import os
 import pwd
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from routerd_client.protocol import (
-    PROTOCOL_VERSION,
-    Error,
-    Hello,
-    daemon_decoder,
-    encode_frame,
-)
+from routerd_client import AsyncClient, Client, RouterdError
 
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
 from routerd.peers import Peer, PeerPolicy
@@ -71,17 +65,24 @@ def as_nobody(probe: Callable[[], str]) -> str:
 
 
 def msgpack_probe(path: Path) -> Callable[[], str]:
+    """What the blocking and the asyncio client each say when they connect."""
+
+    def connect() -> str:
+        try:
+            with Client(str(path), name="nobody", timeout=10):
+                return "Welcome"
+        except RouterdError as exc:
+            return f"{type(exc).__name__} {exc.kind} {exc}"
+
+    async def connect_async() -> str:
+        try:
+            async with AsyncClient(str(path), name="nobody", timeout=10):
+                return "Welcome"
+        except RouterdError as exc:
+            return f"{type(exc).__name__} {exc.kind} {exc}"
+
     def probe() -> str:
-        with socket.socket(socket.AF_UNIX) as sock:
-            sock.settimeout(10)
-            sock.connect(str(path))
-            sock.sendall(encode_frame(Hello(PROTOCOL_VERSION, "nobody")))
-            header = sock.recv(4, socket.MSG_WAITALL)
-            body = sock.recv(struct.unpack(">I", header)[0], socket.MSG_WAITALL)
-            reply = daemon_decoder.decode(body)
-            if isinstance(reply, Error):
-                return f"Error {reply.kind} {reply.message}"
-            return type(reply).__name__
+        return f"{connect()}\n{asyncio.run(connect_async())}"
 
     return probe
 
@@ -129,9 +130,13 @@ chain = ["p/m"]
     over_msgpack = as_nobody(msgpack_probe(short_dir / "d.sock"))
     over_http = as_nobody(http_probe(short_dir / "http.sock"))
     if allowed == "nobody":
-        assert over_msgpack.startswith("Welcome"), over_msgpack
+        assert over_msgpack == "Welcome\nWelcome", over_msgpack
         assert over_http.startswith("HTTP/1.1 200"), over_http
     else:
-        assert over_msgpack.startswith(f"Error forbidden uid {NOBODY.pw_uid}"), over_msgpack
+        # Both clients, every time: the refusal itself, not a connection that just closed.
+        answers = over_msgpack.splitlines()
+        assert len(answers) == 2, over_msgpack
+        for answer in answers:
+            assert answer.startswith(f"Forbidden forbidden uid {NOBODY.pw_uid}"), over_msgpack
         assert over_http == "closed", over_http
-        assert routerd.log_text().count("peer_refused") == 2
+        assert routerd.log_text().count("peer_refused") == 3

@@ -63,7 +63,7 @@ def encode_request(message: ClientMessage) -> bytes:
     """Frame a request, turning an unencodable parameter into BadRequest for the caller."""
     try:
         return encode_frame(message)
-    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
+    except (msgspec.EncodeError, TypeError, OverflowError, RecursionError) as exc:
         raise BadRequest(f"the request cannot be sent to routerd: {exc}") from exc
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from types import TracebackType
@@ -58,6 +59,46 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int) -> DaemonMessage
     return daemon_decoder.decode(body)
 
 
+async def _handshake(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str, limit: int
+) -> DaemonMessage | None:
+    """Say Hello on a connected socket and read the reply; None if the daemon hung up.
+
+    Done on the bare socket, not the streams: a daemon that refuses a client may hang up
+    before the Hello is written, and a failed write would make a StreamReader drop the
+    reply it already holds. Exactly one frame is read, so nothing is left behind.
+    """
+    # If the daemon already hung up, what it said before it did is still there to read.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        await loop.sock_sendall(sock, encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
+    header = await _sock_exactly(loop, sock, HEADER_SIZE)
+    if header is None:
+        return None
+    body = await _sock_exactly(loop, sock, frame_length(header, limit))
+    return None if body is None else daemon_decoder.decode(body)
+
+
+async def _sock_exactly(
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
+) -> bytes | None:
+    data = b""
+    while len(data) < size:
+        part = await loop.sock_recv(sock, size - len(data))
+        if not part:
+            return None
+        data += part
+    return data
+
+
+def _discard(sock: socket.socket, writer: asyncio.StreamWriter | None) -> None:
+    # Not awaited: this may be a cancellation, and the transport closes on the loop's next
+    # turn either way.
+    if writer is not None:
+        writer.close()
+    else:
+        sock.close()
+
+
 class _AsyncConnection:
     """One socket to the daemon after a good handshake, and the task that reads it."""
 
@@ -87,30 +128,25 @@ class _AsyncConnection:
 
         ``handshake`` bounds the connect and the Hello/Welcome exchange, in seconds.
         """
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         writer: asyncio.StreamWriter | None = None
         try:
             async with asyncio.timeout(handshake):
                 try:
-                    reader, writer = await asyncio.open_unix_connection(path, limit=_STREAM_LIMIT)
+                    await loop.sock_connect(sock, path)
                 except OSError as exc:
                     raise cannot_connect(path, exc) from exc
-                writer.write(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
-                try:
-                    message: DaemonMessage | None = await _read_frame(reader, max_frame)
-                except asyncio.IncompleteReadError:
-                    message = None
-                welcome = check_welcome(message, path)
+                welcome = check_welcome(await _handshake(loop, sock, name, max_frame), path)
+                reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_STREAM_LIMIT)
         except TimeoutError as exc:
-            if writer is not None:
-                writer.close()
+            _discard(sock, writer)
             raise Unavailable(
                 f"routerd at {path} did not answer hello within {handshake} s"
             ) from exc
         except BaseException as exc:
-            if writer is not None:
-                # Not awaited: this may be a cancellation, and the transport closes on the
-                # loop's next turn either way.
-                writer.close()
+            _discard(sock, writer)
             if isinstance(exc, FrameTooLarge):
                 raise frame_too_large(exc) from exc
             # msgspec raises UnicodeDecodeError, not DecodeError, for a string not in UTF-8.

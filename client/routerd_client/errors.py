@@ -159,6 +159,12 @@ class Unavailable(RouterdError):
     default_kind = "unavailable"
 
 
+class Forbidden(RouterdError):
+    """The daemon does not let this user in ([server] allowed_users / allowed_groups)."""
+
+    default_kind = "forbidden"
+
+
 class InternalError(RouterdError):
     """The daemon failed in a way it did not expect."""
 
@@ -181,6 +187,7 @@ _BY_KIND: dict[str, type[RouterdError]] = {
         DeadlineExceeded,
         Cancelled,
         Unavailable,
+        Forbidden,
         InternalError,
     )
 }

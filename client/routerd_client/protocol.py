@@ -109,7 +109,8 @@ class Error(msgspec.Struct, tag="error", tag_field="type", omit_defaults=True):
 
     ``kind`` is one of the failure classes (rate_limited, long_context_limited, quota_exhausted,
     auth_failed, target_down, context_overflow, bad_request) or a protocol/daemon class
-    (protocol_error, unknown_route, deadline_exceeded, cancelled, unavailable, internal).
+    (protocol_error, unknown_route, deadline_exceeded, cancelled, unavailable, forbidden,
+    internal).
     On the wire the field is named ``class``.
     """
 

@@ -100,7 +100,10 @@ class _Connection:
             rfile = sock.makefile("rb")
             try:
                 try:
-                    sock.sendall(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
+                    # If the daemon already hung up, what it said before it did is still
+                    # there to read.
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        sock.sendall(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
                     welcome = check_welcome(_read_frame(rfile.read, max_frame), path)
                 except TimeoutError as exc:
                     raise Unavailable(

@@ -1,0 +1,105 @@
+"""Reading frames off a client connection, within a time limit and the daemon's buffer budget.
+
+Waiting for a frame's header has no deadline: an idle connection waits there. Once a header
+has arrived, the body's declared size is reserved from the global BufferBudget (waiting up
+to ``read_timeout_s`` for room) and the body must arrive whole within ``read_timeout_s``;
+the reservation is given back when the body is read, refused or abandoned. A large body is
+received into one buffer of exactly its size, so a stalled frame holds what it declared and
+no more: no growing buffer for the allocator to scatter, no copy of a copy at the end.
+"""
+
+from __future__ import annotations
+
+import anyio
+from anyio.abc import ByteReceiveStream
+from routerd_client.protocol import HEADER_SIZE, frame_length
+
+from routerd.budget import BufferBudget
+
+#: Frames up to this size are read without a reservation from the buffer budget: the kernel
+#: buffers as much per connection anyway, max_connections bounds the total, and ordinary
+#: requests must not queue behind large frames that stall while they hold the budget.
+UNRESERVED_FRAME = 64 * 1024
+_CHUNK = 64 * 1024
+
+
+class FrameStalled(Exception):
+    """A frame's header arrived but its body did not arrive whole in time."""
+
+    def __init__(self, size: int, timeout_s: float) -> None:
+        super().__init__(
+            f"frame not completed within {timeout_s:g} s (server.read_timeout_s): "
+            f"{size} bytes were announced"
+        )
+
+
+class FrameReader:
+    """Frames from one connection; ``read`` raises FrameTooLarge, BudgetExhausted,
+    FrameStalled, and anyio's EndOfStream or IncompleteRead when the client goes."""
+
+    def __init__(
+        self,
+        stream: ByteReceiveStream,
+        *,
+        max_frame: int,
+        budget: BufferBudget,
+        read_timeout_s: float,
+    ) -> None:
+        self.stream = stream
+        self.max_frame = max_frame
+        self.budget = budget
+        self.read_timeout_s = read_timeout_s
+        self._buffer = bytearray()
+
+    async def read(self) -> bytes | bytearray:
+        """The next frame's body."""
+        await self._fill(HEADER_SIZE)
+        header = bytes(self._buffer[:HEADER_SIZE])
+        del self._buffer[:HEADER_SIZE]
+        size = frame_length(header, self.max_frame)
+        if size <= len(self._buffer):
+            # The usual case: the whole frame came in one read, nothing to wait for.
+            return self._take(size)
+        reserved = size if size > UNRESERVED_FRAME else 0
+        if reserved and not self.budget.try_reserve(reserved):
+            await self.budget.reserve(reserved, self.read_timeout_s)
+        try:
+            with anyio.move_on_after(self.read_timeout_s):
+                return await self._body(size)
+            raise FrameStalled(size, self.read_timeout_s)
+        finally:
+            if reserved:
+                self.budget.release(reserved)
+
+    async def _fill(self, size: int) -> None:
+        while len(self._buffer) < size:
+            try:
+                self._buffer += await self.stream.receive()
+            except anyio.EndOfStream:
+                if self._buffer:
+                    raise anyio.IncompleteRead from None
+                raise
+
+    def _take(self, size: int) -> bytes:
+        with memoryview(self._buffer) as view:
+            body = bytes(view[:size])
+        del self._buffer[:size]
+        return body
+
+    async def _body(self, size: int) -> bytes | bytearray:
+        if size <= UNRESERVED_FRAME:
+            await self._fill(size)
+            return self._take(size)
+        # A large body goes into one buffer of its exact size, reserved above.
+        large = bytearray(size)
+        filled = len(self._buffer)
+        large[:filled] = self._buffer
+        self._buffer.clear()
+        while filled < size:
+            try:
+                chunk = await self.stream.receive(min(_CHUNK, size - filled))
+            except anyio.EndOfStream:
+                raise anyio.IncompleteRead from None
+            large[filled : filled + len(chunk)] = chunk
+            filled += len(chunk)
+        return large
