@@ -10,15 +10,12 @@ logged at most once per ``LOG_EVERY_S``, with a count, so a flood cannot flood t
 from __future__ import annotations
 
 import errno
-import resource
 import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 import structlog
 from anyio.abc import SocketListener, SocketStream, TaskGroup
-
-from routerd.fdlimit import shares
 
 log = structlog.get_logger("routerd.accept")
 
@@ -34,18 +31,6 @@ LOG_EVERY_S = 10.0
 MAX_TURNING_AWAY = 64
 
 Handler = Callable[[SocketStream], Awaitable[None]]
-
-
-def connection_cap(configured: int, *, listeners: int = 1) -> int:
-    """The connection cap for each of ``listeners`` sockets under this process's fd limit.
-
-    ``configured`` is ``server.max_connections``; the split is ``fdlimit.shares``.
-    """
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return configured
-    cap, _ = shares(soft, listeners=listeners, configured=configured)
-    return cap
 
 
 class Throttled:

@@ -11,7 +11,7 @@ dropped. The config's routes and targets are never touched. Time comes in as ``n
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import structlog
@@ -115,6 +115,20 @@ class RouteTable:
         route = Route(name, [target], self._deadline_s, RETRIES)
         self.routes[name] = route
         return route
+
+    def configure(
+        self, deadline_s: float, limit: int, idle_s: float, configured: Iterable[str]
+    ) -> None:
+        """A reload's settings; each name in ``configured`` is the config's now, not ad hoc."""
+        self._deadline_s = deadline_s
+        self.adhoc.limit = limit
+        self.adhoc.idle_s = idle_s
+        for name in configured:
+            if name in self.adhoc:
+                self.adhoc.discard(name)
+                route = self.routes.get(name)
+                if route is not None and route.chain and route.chain[0].name == name:
+                    del self.routes[name]  # its one-target route: the config's chains hold it
 
     def used(self, route: Route, now: float) -> None:
         """A request on ``route`` began or ended at ``now``."""

@@ -1,4 +1,4 @@
-"""The `routerd` command: serve, status, check, demo."""
+"""The `routerd` command: serve, status, check, reload, demo."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routerd import log
     from routerd.config import ConfigError, load_config
     from routerd.daemon import Daemon
+    from routerd.fdlimit import raise_soft_limit
     from routerd.secrets import resolve_secrets
 
     path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
@@ -45,7 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(exc, file=sys.stderr)
         return 2
     log.configure(config.server.log_level)
-    daemon = Daemon(config, secrets, socket_path=Path(args.socket) if args.socket else None)
+    raise_soft_limit()
+    daemon = Daemon(
+        config,
+        secrets,
+        socket_path=Path(args.socket) if args.socket else None,
+        config_path=Path(path),
+    )
     code = 0
     try:
         anyio.run(daemon.run)
@@ -84,6 +91,20 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Make the running daemon re-read its config file, as SIGHUP does, and say the outcome."""
+    from routerd_client import Client, RouterdError
+
+    path = _socket_from(args)
+    try:
+        with Client(path, name="routerd-reload") as client:
+            print(f"routerd reload: {client.reload()}")
+    except RouterdError as exc:
+        print(f"routerd reload: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -132,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a config")
     check.add_argument("--config", type=Path, help="config file (default /etc/routerd/config.toml)")
     check.set_defaults(func=cmd_check)
+
+    reload = sub.add_parser("reload", help="re-read the config in the running daemon (as SIGHUP)")
+    reload.add_argument("--socket", type=Path, help="the daemon's socket")
+    reload.add_argument("--config", type=Path, help="read the socket path from this config")
+    reload.set_defaults(func=cmd_reload)
 
     demo = sub.add_parser("demo", help="local mock providers + daemon + clients")
     demo.add_argument("--requests", type=int, default=30, help="requests per client process")

@@ -2,11 +2,15 @@
 
 Start-up order: restore the state file, start every credential actor, listen on the socket
 (or take it from systemd), then READY=1. SIGTERM or SIGINT: STOPPING=1, stop accepting,
-drain in-flight requests up to ``drain_timeout_s``, cancel the rest, save the state.
+drain in-flight requests up to ``drain_timeout_s``, tell the rest they were not finished,
+save the state. SIGHUP (or `routerd reload`): RELOADING=1, re-read the config in place
+(``reload.py`` has the rules), READY=1; a config with errors is refused and the running one
+stays.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -18,52 +22,29 @@ from pathlib import Path
 import anyio
 import httpx
 import structlog
-from anyio.abc import SocketListener, SocketStream, TaskStatus
-from routerd_client.protocol import StatusReport
+from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from routerd_client.protocol import Error, Reloaded, StatusReport
 
 from routerd import __version__, sdnotify
 from routerd import state as state_file
-from routerd.accept import connection_cap
 from routerd.actor import CredentialActor
-from routerd.breaker import Breaker
 from routerd.budget import BufferBudget
-from routerd.config import Config, split_target
-from routerd.credential import CredentialState, LocalLimit
-from routerd.dispatch import Dispatcher, ProviderRuntime, Route
+from routerd.build import build_target, credential_state, provider_runtimes
+from routerd.config import Config, ConfigError, ConfigProblem, load_config, read_config_text
+from routerd.credential import CredentialState
+from routerd.dispatch import Dispatcher, Route
+from routerd.fdlimit import shares, soft_limit
 from routerd.front import HttpFront, Metrics
 from routerd.peers import PeerPolicy
 from routerd.plan import Target
-from routerd.secrets import Secret
+from routerd.reload import ReloadSummary, plan_credentials, restart_needed, retarget
+from routerd.secrets import Secret, resolve_secrets
 from routerd.server import Connection, serve_clients
 from routerd.status import build_report
-from routerd.upstream import adapter_for
 
 log = structlog.get_logger("routerd.daemon")
 
 VERSION = __version__
-
-# Well-known context windows, used where the config names none.
-KNOWN_WINDOWS: dict[str, int] = {
-    "gpt-4.1": 1_047_576,
-    "gpt-4.1-mini": 1_047_576,
-    "gpt-4o": 128_000,
-    "gpt-4o-mini": 128_000,
-    "o3": 200_000,
-    "o4-mini": 200_000,
-    "claude-sonnet-4-5": 200_000,
-    "claude-opus-4-1": 200_000,
-    "claude-haiku-4-5": 200_000,
-    "llama-3.3-70b-versatile": 131_072,
-    "meta-llama/llama-3.3-70b-instruct": 131_072,
-    "gemini-2.5-pro": 1_048_576,
-    "gemini-2.5-flash": 1_048_576,
-}
-
-
-# What a request must carry to use a model's long-context window, per API kind.
-LONG_CONTEXT_HEADERS: dict[str, dict[str, str]] = {
-    "anthropic": {"anthropic-beta": "context-1m-2025-08-07"},
-}
 
 
 def default_socket_path() -> Path:
@@ -95,9 +76,12 @@ class Daemon:
         *,
         socket_path: Path | None = None,
         state_path: Path | None = None,
+        config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
+        # Where SIGHUP and `routerd reload` read the config again; None: reload is refused.
+        self.config_path = config_path
         self.clock = clock
         self.socket_path = socket_path or (
             Path(config.server.socket) if config.server.socket else default_socket_path()
@@ -108,120 +92,188 @@ class Daemon:
         self.started = clock()
         self.connections = 0
         self.draining = False
+        self.reloads = 0
         self._dirty = False
         self._save_now = anyio.Event()
         self._save_lock = anyio.Lock()
+        self._reload_lock = anyio.Lock()
         self._owns_socket = False
+        self._root: TaskGroup | None = None
+        self._actor_scopes: dict[CredentialActor, anyio.CancelScope] = {}
         self.peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
         # Bytes all incomplete frames and request bodies may hold, shared by both fronts.
         self.buffer_budget = BufferBudget(config.server.buffer_budget)
+        # Each listener's connection cap and the upstream pool share the descriptor limit.
+        server = config.server
+        listeners = 1 + (server.http_socket is not None) + 2 * (server.http_listen is not None)
+        self.max_connections, upstream = shares(
+            soft_limit(), listeners=listeners, configured=server.max_connections
+        )
         # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
         self.http = httpx.AsyncClient(
             timeout=None,
-            limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200),
+            limits=httpx.Limits(
+                max_connections=upstream, max_keepalive_connections=min(200, upstream)
+            ),
             follow_redirects=False,
         )
-        self.actors = self._build_actors(secrets)
+        self.actors = {
+            (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
+        }
         self._pools: dict[str, list[CredentialState]] = {}
         for (provider, _), actor in self.actors.items():
             self._pools.setdefault(provider, []).append(actor.state)
-        providers = {
-            name: ProviderRuntime(
-                name=name,
-                adapter=adapter_for(p.kind, self.http),
-                base_url=p.base_url,
-                timeout_s=p.timeout_s,
-                headers=dict(p.headers),
-            )
-            for name, p in config.providers.items()
-        }
         self._targets: dict[str, Target] = {}
-        routes: dict[str, Route] = {}
-        for route_name, route in config.routes.items():
-            chain: list[Target] = []
-            for name in route.chain:
-                target = self.target(name)
-                if target is None:  # load_config rejects this; a Config built in code may not
-                    raise ValueError(f"route {route_name!r}: no provider for target {name!r}")
-                chain.append(target)
-            routes[route_name] = Route(route_name, chain, route.deadline_s, route.retries)
+        routes = {
+            name: Route(name, self._chain(name, config), route.deadline_s, route.retries)
+            for name, route in config.routes.items()
+        }
         self.dispatcher = Dispatcher(
             routes,
             self._targets,
             self.actors,
-            providers,
-            make_target=lambda name: self.target(name, keep=False),
+            provider_runtimes(config, self.http),
+            make_target=lambda name: build_target(name, self.config, self._pools),
             clock=clock,
             rng=random.Random(),
             on_change=self._changed,
-            default_deadline_s=max((r.deadline_s for r in config.routes.values()), default=120.0),
+            default_deadline_s=_default_deadline(config),
             observer=self.metrics.observe,
             max_adhoc_targets=config.server.max_adhoc_targets,
             adhoc_idle_s=config.server.adhoc_idle_s,
             on_drop=self.metrics.forget,
         )
 
-    def _build_actors(self, secrets: list[Secret]) -> dict[tuple[str, str], CredentialActor]:
-        actors: dict[tuple[str, str], CredentialActor] = {}
-        for order, secret in enumerate(secrets):
-            provider = self.config.providers[secret.provider]
-            state = CredentialState(
-                provider=secret.provider,
-                label=secret.label,
-                fingerprint=secret.fingerprint,
-                order=order,
-                max_concurrent=secret.max_concurrent,
-                rpm=LocalLimit(secret.rpm) if secret.rpm else None,
-                tpm=LocalLimit(secret.tpm) if secret.tpm else None,
-                quota_park_s=provider.quota_park_s,
-                auth_probe_s=provider.auth_probe_s,
-            )
-            actors[(secret.provider, secret.label)] = CredentialActor(
-                state,
-                secret,
-                mailbox_size=self.config.server.mailbox_size,
-                on_change=self._changed,
-                clock=self.clock,
-                on_lasting=self._lasting_change,
-            )
-        return actors
-
-    def target(self, name: str, *, keep: bool = True) -> Target | None:
-        """The target "provider/model", None when the provider is unknown.
-
-        The config's targets are built once and kept (chains share them). One a request
-        names is built with ``keep`` False: the dispatcher alone keeps it, within
-        server.max_adhoc_targets and server.adhoc_idle_s.
-        """
-        if name in self._targets:
-            return self._targets[name]
-        try:
-            provider, model = split_target(name)
-        except ValueError:
-            return None
-        provider_config = self.config.providers.get(provider)
-        if provider_config is None:
-            return None
-        model_config = self.config.models.get(name)
-        breaker = self.config.breaker
-        context_window = model_config.context_window if model_config else None
-        target = Target(
-            name=name,
-            provider=provider,
-            model=model,
-            kind=provider_config.kind,
-            strategy=provider_config.strategy,
-            breaker=Breaker(name, breaker.failure_threshold, breaker.open_s, breaker.max_open_s),
-            pool=self._pools.get(provider, []),
-            context_window=context_window or KNOWN_WINDOWS.get(model),
-            long_context_window=model_config.long_context_window if model_config else None,
-            long_context_headers=LONG_CONTEXT_HEADERS.get(provider_config.kind, {}),
+    def _make_actor(self, secret: Secret, order: int, config: Config) -> CredentialActor:
+        return CredentialActor(
+            credential_state(secret, config, order),
+            secret,
+            mailbox_size=config.server.mailbox_size,
+            on_change=self._changed,
+            clock=self.clock,
+            on_lasting=self._lasting_change,
         )
-        if keep:
+
+    def _chain(self, route_name: str, config: Config) -> list[Target]:
+        """A configured route's targets, built once and shared by every chain naming them."""
+        chain: list[Target] = []
+        for name in config.routes[route_name].chain:
+            target = self._targets.get(name) or build_target(name, config, self._pools)
+            if target is None:  # load_config rejects this; a Config built in code may not
+                raise ValueError(f"route {route_name!r}: no provider for target {name!r}")
             self._targets[name] = target
-        return target
+            chain.append(target)
+        return chain
+
+    # ---- reload -----------------------------------------------------------------------
+
+    async def reload(self) -> ReloadSummary:
+        """Re-read the config file and apply it in place; raises ConfigError when it has
+        errors (the running config then stays, untouched)."""
+        if self.config_path is None:
+            raise ConfigError(
+                [ConfigProblem("<config>", None, "", "routerd was started without a config file")]
+            )
+        async with self._reload_lock:
+            sdnotify.notify(*sdnotify.reloading(), "STATUS=reloading the config")
+            try:
+                path = self.config_path
+                config = load_config(path)
+                secrets = resolve_secrets(config, source=str(path), text=read_config_text(path))
+                summary = await self._apply(config, secrets)
+            except ConfigError as exc:
+                log.error("reload_refused", path=str(self.config_path), problems=str(exc))
+                sdnotify.notify("READY=1", "STATUS=config reload refused; the old config runs")
+                raise
+            self.reloads += 1
+            log.info("config_reloaded", path=str(self.config_path), summary=summary.describe())
+            sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
+            return summary
+
+    async def _reload_reply(self, request_id: int) -> Reloaded | Error:
+        """A Reload frame's answer: what the reload did, or every problem of the config."""
+        try:
+            summary = await self.reload()
+        except ConfigError as exc:
+            return Error(request_id, "config_error", f"config refused, the old one runs:\n{exc}")
+        return Reloaded(request_id, summary.describe())
+
+    async def _apply(self, config: Config, secrets: list[Secret]) -> ReloadSummary:
+        old = self.config
+        # Resolve names first: a user or group that does not exist refuses the whole config.
+        try:
+            peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
+        except KeyError as exc:
+            problem = ConfigProblem(str(self.config_path), None, "server", f"unknown {exc}")
+            raise ConfigError([problem]) from None
+        credentials = plan_credentials(
+            self.actors, secrets, config, lambda s, n: self._make_actor(s, n, config)
+        )
+        for actor in credentials.added:
+            if self._root is not None:
+                self._actor_scopes[actor] = scope = anyio.CancelScope()
+                await self._root.start(_run_actor, actor, scope)
+        for actor in credentials.removed:
+            if actor in self._actor_scopes:
+                self._actor_scopes.pop(actor).cancel()
+            else:
+                actor.close()
+        # Everything below is synchronous: no request sees half a config.
+        self.config = config
+        self.peers.replace(peers)
+        self.actors.clear()
+        self.actors.update(credentials.actors)
+        pools: dict[str, list[CredentialState]] = {}
+        for (provider, _), actor in self.actors.items():
+            pools.setdefault(provider, []).append(actor.state)
+        for provider in {*self._pools, *pools}:
+            # In place: targets (ad-hoc ones included) hold these very lists.
+            self._pools.setdefault(provider, [])[:] = pools.get(provider, [])
+        self.dispatcher.providers.clear()
+        self.dispatcher.providers.update(provider_runtimes(config, self.http))
+        self._reroute(old, config)
+        self.dispatcher.configure(
+            default_deadline_s=_default_deadline(config),
+            max_adhoc_targets=config.server.max_adhoc_targets,
+            adhoc_idle_s=config.server.adhoc_idle_s,
+            configured={t for route in config.routes.values() for t in route.chain},
+        )
+        self._lasting_change()
+        self.dispatcher.notify()
+        return ReloadSummary(
+            kept=len(credentials.kept),
+            added=[f"{a.state.provider}/{a.state.label}" for a in credentials.added],
+            removed=[f"{a.state.provider}/{a.state.label}" for a in credentials.removed],
+            routes=len(config.routes),
+            restart_needed=restart_needed(old.server, config.server),
+        )
+
+    def _reroute(self, old: Config, config: Config) -> None:
+        """Targets take the new settings (keeping breakers); routes take the new chains."""
+        routes = self.dispatcher.routes
+        for name, target in list(self._targets.items()):
+            fresh = build_target(name, config, self._pools)
+            if fresh is not None:
+                retarget(target, fresh)
+        named = {t for route in config.routes.values() for t in route.chain}
+        for name in old.routes:
+            if name not in config.routes:
+                # Requests already on it finish with its old chain; new ones get unknown_route.
+                routes.pop(name, None)
+        for name, route_config in config.routes.items():
+            chain = self._chain(name, config)
+            route = routes.get(name)
+            if route is None:
+                routes[name] = Route(name, chain, route_config.deadline_s, route_config.retries)
+            else:
+                route.chain[:] = chain
+                route.deadline_s = route_config.deadline_s
+                route.retries = route_config.retries
+        for name in [n for n in self._targets if n not in named and n not in routes]:
+            # A target only the old config named: its breaker leaves status and the state file.
+            del self._targets[name]
 
     # ---- state ------------------------------------------------------------------------
 
@@ -313,6 +365,7 @@ class Daemon:
                 budget=self.buffer_budget,
                 read_timeout_s=self.config.server.read_timeout_s,
                 peers=self.peers,
+                reload=self._reload_reply,
             )
             await connection.serve()
         except Exception:
@@ -349,10 +402,14 @@ class Daemon:
             metrics=self.metrics,
             draining=lambda: self.draining,
             peers=self.peers,
+            budget=self.buffer_budget,
+            max_connections=self.max_connections,
         )
         async with self.http, anyio.create_task_group() as root:
+            self._root = root
             for actor in self.actors.values():
-                await root.start(actor.run)
+                self._actor_scopes[actor] = scope = anyio.CancelScope()
+                await root.start(_run_actor, actor, scope)
             if self.front is not None:
                 await root.start(self.front.serve)
             root.start_soon(self._flush_state)
@@ -360,12 +417,11 @@ class Daemon:
             if interval is not None:
                 root.start_soon(sdnotify.watchdog_loop, interval)
             listener = await self._listen()
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            stop_signals = (signal.SIGTERM, signal.SIGINT)
+            with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
                 async with anyio.create_task_group() as connections:
                     accepting = anyio.CancelScope()
-
-                    front = len(self.front.addresses) if self.front is not None else 0
-                    cap = connection_cap(self.config.server.max_connections, listeners=1 + front)
+                    cap = self.max_connections
 
                     async def accept() -> None:
                         with accepting:
@@ -374,12 +430,18 @@ class Daemon:
                             )
 
                     connections.start_soon(accept)
-                    log.info("listening", socket=str(self.socket_path), pid=os.getpid())
+                    log.info(
+                        "listening", socket=str(self.socket_path), pid=os.getpid(), max_conn=cap
+                    )
                     sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
                     task_status.started()
                     async for signum in signals:
-                        log.info("stopping", signal=signal.Signals(signum).name)
-                        break
+                        if signum in stop_signals:
+                            log.info("stopping", signal=signal.Signals(signum).name)
+                            break
+                        # SIGHUP: the outcome is logged; a refused config changes nothing.
+                        with contextlib.suppress(ConfigError):
+                            await self.reload()
                     await self._drain(accepting, listener)
                     connections.cancel_scope.cancel()
             with anyio.move_on_after(5, shield=True):
@@ -411,3 +473,19 @@ async def _socket_in_use(path: Path) -> bool:
         return False
     await stream.aclose()
     return True
+
+
+async def _run_actor(
+    actor: CredentialActor,
+    scope: anyio.CancelScope,
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run one actor inside its own cancel scope, so a reload can stop it alone."""
+    with scope:
+        await actor.run(task_status=task_status)
+
+
+def _default_deadline(config: Config) -> float:
+    """The deadline of a request on an ad-hoc target: the longest any route allows."""
+    return max((r.deadline_s for r in config.routes.values()), default=120.0)

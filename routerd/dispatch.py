@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +152,17 @@ class Dispatcher:
         server.adhoc_idle_s, and at most server.max_adhoc_targets of them at once.
         """
         return self._table.resolve(name, self._clock())
+
+    def configure(
+        self,
+        *,
+        default_deadline_s: float,
+        max_adhoc_targets: int,
+        adhoc_idle_s: float,
+        configured: Iterable[str] = (),
+    ) -> None:
+        """Take a reloaded config's settings; targets it names stop being ad hoc."""
+        self._table.configure(default_deadline_s, max_adhoc_targets, adhoc_idle_s, configured)
 
     def sweep(self, now: float | None = None) -> None:
         """Drop the ad-hoc targets that no request used for server.adhoc_idle_s."""

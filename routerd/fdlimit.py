@@ -30,6 +30,12 @@ def raise_soft_limit() -> int:
     return soft if soft != resource.RLIM_INFINITY else hard
 
 
+def soft_limit() -> int:
+    """The soft RLIMIT_NOFILE in force (a large number when it is unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
 def shares(soft_limit: int, listeners: int, configured: int) -> tuple[int, int]:
     """(connection cap per listener, upstream pool size) that fit under ``soft_limit``.
 

@@ -85,6 +85,12 @@ class DaemonProcess:
                 )
             self._drain_notify(min(left, 0.1))
 
+    def collect(self) -> list[str]:
+        """Every notification received so far, after reading all that are waiting."""
+        while self._drain_notify(0.0):
+            pass
+        return self.notifications
+
     def _drain_notify(self, timeout: float) -> bool:
         self._notify.settimeout(timeout if timeout > 0 else None)
         if timeout <= 0:

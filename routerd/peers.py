@@ -59,6 +59,10 @@ class PeerPolicy:
         self.uids = {_uid(u) for u in users} | {os.getuid()}
         self.gids = {_gid(g) for g in groups}
 
+    def replace(self, other: PeerPolicy) -> None:
+        """Take ``other``'s rules in place (a reload), for every listener holding this one."""
+        self.open, self.uids, self.gids = other.open, other.uids, other.gids
+
     def allows(self, peer: Peer | None) -> bool:
         """Whether this peer may talk to the daemon."""
         if self.open:

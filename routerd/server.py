@@ -10,8 +10,9 @@ and gives the client a moment to read it before the socket closes.
 from __future__ import annotations
 
 import itertools
+import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -28,6 +29,7 @@ from routerd_client.protocol import (
     Error,
     FrameTooLarge,
     Hello,
+    Reload,
     Result,
     Status,
     StatusReport,
@@ -41,7 +43,7 @@ from routerd.budget import BudgetExhausted, BufferBudget
 from routerd.dispatch import Dispatcher
 from routerd.framing import FrameReader, FrameStalled
 from routerd.guard import MAX_DEPTH, check_chat, peek_id
-from routerd.peers import PeerPolicy, peer_of
+from routerd.peers import Peer, PeerPolicy, peer_of
 from routerd.upstream.base import Delta
 
 log = structlog.get_logger("routerd.server")
@@ -168,6 +170,7 @@ class Connection:
         budget: BufferBudget,
         read_timeout_s: float,
         peers: PeerPolicy | None = None,
+        reload: Callable[[int], Awaitable[DaemonMessage]] | None = None,
     ) -> None:
         self.id = next(_conn_ids)
         self.stream = stream
@@ -180,6 +183,8 @@ class Connection:
         self.draining = draining
         self.version = version
         self.peers = peers
+        self.reload = reload
+        self.peer: Peer | None = None
         self.client = ""
         #: Who the dispatcher's fairness sees: the peer process, else this connection.
         self.sender = f"conn:{self.id}"
@@ -276,7 +281,7 @@ class Connection:
 
     async def serve(self) -> None:
         """Run the connection until the client leaves or sends bytes that cannot be trusted."""
-        peer = None if self._raw is None else peer_of(self._raw)
+        peer = self.peer = None if self._raw is None else peer_of(self._raw)
         if peer is not None and peer.pid > 0:
             self.sender = f"pid:{peer.pid}"
         farewell: Error | None = None
@@ -361,11 +366,25 @@ class Connection:
                 running.cancel()
         elif isinstance(message, Status):
             await self.send(self.status(message.id))
+        elif isinstance(message, Reload):
+            requests.start_soon(self._run_reload, message.id)
         elif isinstance(message, Error):
             await self.send(message)
         else:
             # A second Hello: the client lost track of the connection's state.
             raise _HangUp(f"unexpected {type(message).__name__} frame")
+
+    async def _run_reload(self, request_id: int) -> None:
+        # Changing the config is the operator's: the daemon's own user, or root.
+        peer = self.peer
+        if peer is None or peer.uid not in (0, os.getuid()):
+            who = "an unknown peer" if peer is None else f"uid {peer.uid}"
+            message = f"{who} may not reload routerd: only its own user or root may"
+            await self.send(Error(request_id, "forbidden", message))
+        elif self.reload is None:
+            await self.send(Error(request_id, "unavailable", "this routerd cannot reload"))
+        else:
+            await self.send(await self.reload(request_id))
 
     async def _run_chat(self, chat: Chat, scope: anyio.CancelScope) -> None:
         request_id = chat.id

@@ -18,6 +18,7 @@ from .protocol import (
     DaemonMessage,
     Error,
     FrameTooLarge,
+    Reloaded,
     Result,
     StatusReport,
     Welcome,
@@ -26,7 +27,7 @@ from .protocol import (
 
 #: What a request's queue receives: the daemon's messages for its id, or a failure of the
 #: whole connection (one fresh exception per request, so threads never share a traceback).
-Reply: TypeAlias = Chunk | Result | Error | StatusReport | RouterdError
+Reply: TypeAlias = Chunk | Result | Error | StatusReport | Reloaded | RouterdError
 
 #: How long the connect and the Hello/Welcome exchange may take when no timeout is given.
 HANDSHAKE_TIMEOUT = 10.0

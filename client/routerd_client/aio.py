@@ -39,6 +39,8 @@ from .protocol import (
     Error,
     FrameTooLarge,
     Hello,
+    Reload,
+    Reloaded,
     Result,
     Status,
     StatusReport,
@@ -194,7 +196,7 @@ class _AsyncConnection:
     @staticmethod
     async def wait(
         replies: asyncio.Queue[Reply], per_frame: float | None
-    ) -> Chunk | Result | StatusReport:
+    ) -> Chunk | Result | StatusReport | Reloaded:
         """The next message for a request, waiting at most ``per_frame`` seconds for it;
         a daemon Error or a failure is raised."""
         if per_frame is None:
@@ -419,7 +421,7 @@ class AsyncClient:
                 self._conn = conn
             return conn
 
-    async def _request(self, rid: int, frame: bytes) -> Chunk | Result | StatusReport:
+    async def _request(self, rid: int, frame: bytes) -> Chunk | Result | StatusReport | Reloaded:
         conn = await self._connection()
         replies = conn.register(rid)
         await conn.send(rid, frame)
@@ -472,6 +474,18 @@ class AsyncClient:
         if isinstance(reply, StatusReport):
             return reply
         raise unexpected(reply, "status_report")
+
+    async def reload(self) -> str:
+        """Make the daemon re-read its config (as SIGHUP does); returns what it did.
+
+        Raises ConfigRejected (every problem listed) when the config has errors, Forbidden
+        when this user is not the daemon's own or root.
+        """
+        rid = next(self._ids)
+        reply = await self._request(rid, encode_frame(Reload(id=rid)))
+        if isinstance(reply, Reloaded):
+            return reply.summary
+        raise unexpected(reply, "reloaded")
 
     async def aclose(self) -> None:
         """Close the connection; requests still waiting raise Unavailable."""

@@ -165,6 +165,12 @@ class Forbidden(RouterdError):
     default_kind = "forbidden"
 
 
+class ConfigRejected(RouterdError):
+    """`routerd reload`: the config file has errors (each listed); the running one stays."""
+
+    default_kind = "config_error"
+
+
 class InternalError(RouterdError):
     """The daemon failed in a way it did not expect."""
 
@@ -188,6 +194,7 @@ _BY_KIND: dict[str, type[RouterdError]] = {
         Cancelled,
         Unavailable,
         Forbidden,
+        ConfigRejected,
         InternalError,
     )
 }

@@ -66,7 +66,17 @@ class Status(msgspec.Struct, tag="status", tag_field="type"):
     id: int
 
 
-ClientMessage = Hello | Chat | Cancel | Status
+class Reload(msgspec.Struct, tag="reload", tag_field="type"):
+    """Re-read the daemon's config file, as SIGHUP does; answered by Reloaded or an Error.
+
+    Only the daemon's own user and root may ask; a config with errors is refused (an Error
+    of kind ``config_error`` listing every problem) and the running config stays.
+    """
+
+    id: int
+
+
+ClientMessage = Hello | Chat | Cancel | Status | Reload
 
 
 # ---- daemon -> client -------------------------------------------------------------------
@@ -184,7 +194,14 @@ class StatusReport(msgspec.Struct, tag="status_report", tag_field="type", omit_d
     routes: list[RouteStatus]
 
 
-DaemonMessage = Welcome | Chunk | Result | Error | StatusReport
+class Reloaded(msgspec.Struct, tag="reloaded", tag_field="type"):
+    """The daemon took the new config; ``summary`` says what it kept, started and dropped."""
+
+    id: int
+    summary: str
+
+
+DaemonMessage = Welcome | Chunk | Result | Error | StatusReport | Reloaded
 
 
 # ---- framing ----------------------------------------------------------------------------

@@ -41,6 +41,8 @@ from .protocol import (
     Error,
     FrameTooLarge,
     Hello,
+    Reload,
+    Reloaded,
     Result,
     Status,
     StatusReport,
@@ -164,7 +166,7 @@ class _Connection:
     @staticmethod
     def wait(
         replies: queue.SimpleQueue[Reply], timeout: float | None
-    ) -> Chunk | Result | StatusReport:
+    ) -> Chunk | Result | StatusReport | Reloaded:
         """The next message for a request; a daemon Error or a failure is raised."""
         try:
             item = replies.get(timeout=timeout)
@@ -433,6 +435,25 @@ class Client:
         if isinstance(message, StatusReport):
             return message
         raise unexpected(message, "status_report")
+
+    def reload(self) -> str:
+        """Make the daemon re-read its config (as SIGHUP does); returns what it did.
+
+        Raises ConfigRejected (every problem listed) when the config has errors, Forbidden
+        when this user is not the daemon's own or root.
+        """
+        rid = next(self._ids)
+        conn = self._connection()
+        replies = conn.register(rid)
+        conn.send(rid, encode_frame(Reload(id=rid)))
+        try:
+            message = conn.wait(replies, self.timeout)
+        except BaseException:
+            conn.cancel(rid)
+            raise
+        if isinstance(message, Reloaded):
+            return message.summary
+        raise unexpected(message, "reloaded")
 
     def close(self) -> None:
         """Close the connection; requests still waiting raise Unavailable."""
