@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import shutil
 import signal
@@ -151,12 +152,15 @@ class Soak:
             self.mock.set_model("m1", ModelSpec())
             await anyio.sleep(3.0)
             self.faults["429 storm"] += 1
-            async with (
-                AsyncClient(self.socket, name="storm") as client,
-                anyio.create_task_group() as tg,
-            ):
-                for n in range(200):
-                    tg.start_soon(self.one, client, n)
+            try:
+                async with (
+                    AsyncClient(self.socket, name="storm") as client,
+                    anyio.create_task_group() as tg,
+                ):
+                    for n in range(200):
+                        tg.start_soon(self.one, client, n)
+            except RouterdError as exc:  # a daemon that does not even take a connection
+                self.outcomes[f"connect: {exc.kind}"] += 1
             self.mock.set_model("m1", ModelSpec(fault="midstream"))
             self.faults["cut streams"] += 1
             await anyio.sleep(1.0)
@@ -171,13 +175,14 @@ class Soak:
     async def kill_a_client(self) -> None:
         doomed = await anyio.open_process([sys.executable, "-c", KILLED_CLIENT, self.socket])
         await anyio.sleep(0.3)
-        doomed.kill()
+        with contextlib.suppress(ProcessLookupError):  # it may have ended on its own
+            doomed.kill()
         await doomed.wait()
         await doomed.aclose()
         self.faults["killed client"] += 1
 
 
-async def run(duration: float, workers: int) -> int:
+async def run(duration: float, workers: int, log: Path | None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="routerd-soak-", dir="/tmp"))
     spec = MockSpec(keys=KEYS, models={"m1": ModelSpec(), "m2": ModelSpec()}, latency_ms=5)
     env = {f"SOAK_{k.label.upper()}": key for key, k in KEYS.items()}
@@ -186,7 +191,7 @@ async def run(duration: float, workers: int) -> int:
             config = workdir / "config.toml"
             write_config(config, mock, workdir, 30)
             socket = workdir / "routerd.sock"
-            with DaemonProcess(config, socket_path=socket, env=env) as daemon:
+            with DaemonProcess(config, socket_path=socket, env=env, log_path=log) as daemon:
                 soak = Soak(str(socket), mock, daemon)
                 start = usage(daemon.process.pid)
                 until = time.monotonic() + duration
@@ -236,8 +241,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds (default 600)")
     parser.add_argument("--workers", type=int, default=16, help="steady concurrent requests")
+    parser.add_argument("--log", type=Path, help="keep the daemon's log in this file")
     args = parser.parse_args()
-    return anyio.run(run, args.duration, args.workers)
+    return anyio.run(run, args.duration, args.workers, args.log)
 
 
 if __name__ == "__main__":

@@ -66,11 +66,14 @@ def notify(*states: str) -> bool:
         return False
     message = "\n".join(states).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            # A datagram of a few bytes to a local socket does not block in practice, so
-            # this is safe to call from the event loop.
+        with socket.socket(
+            socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+        ) as sock:
+            # Non-blocking: this runs on the event loop, and a datagram socket whose reader
+            # is slow (a busy service manager) fills after a few messages; a blocking send
+            # would then stall every request. A state that does not fit is dropped.
             sock.sendto(message, address)
-    except OSError:
+    except OSError:  # BlockingIOError included
         return False
     return True
 

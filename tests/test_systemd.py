@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -77,6 +78,27 @@ def test_notify_reaches_an_abstract_namespace_socket(monkeypatch: pytest.MonkeyP
 
         assert sdnotify.notify("READY=1") is True
         assert receiver.recv(4096) == b"READY=1"
+
+
+def test_notify_never_blocks_on_a_reader_that_does_not_read(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A datagram socket's queue fills after a few messages; a blocking send there stalled
+    # the daemon's event loop (every request with it) on its fifth or sixth reload.
+    path = str(short_tmp / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        results: list[bool] = []
+        sender = threading.Thread(
+            target=lambda: results.extend(sdnotify.notify("WATCHDOG=1") for _ in range(200)),
+            daemon=True,
+        )
+        sender.start()
+        sender.join(10)
+        assert not sender.is_alive(), "notify() blocked on a full notify socket"
+        assert results[0] is True and results[-1] is False
+        assert receiver.recv(4096) == b"WATCHDOG=1"
 
 
 def test_notify_outside_systemd_returns_false() -> None:
