@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 
 from routerd import state as state_file
 from routerd.breaker import Breaker
@@ -58,7 +59,7 @@ async def test_saving_while_targets_are_added_never_breaks(tmp_path: Path) -> No
                 for n in range(20_000 + _round * 2_000, 22_000 + _round * 2_000):
                     add_target(daemon, n)
                     if n % 50 == 0:
-                        await anyio.sleep(0)
+                        await anyio.lowlevel.checkpoint()
     for actor in daemon.actors.values():
         actor.close()  # never started in this test
     saved = state_file.load(tmp_path / "state.msgpack")
