@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import anyio
 from anyio.abc import ByteReceiveStream
-from routerd_client.protocol import HEADER_SIZE, frame_length
+from routerd_client.wire import FrameDecoder
 
 from routerd.budget import BufferBudget
 
@@ -20,7 +20,6 @@ from routerd.budget import BufferBudget
 #: buffers as much per connection anyway, max_connections bounds the total, and ordinary
 #: requests must not queue behind large frames that stall while they hold the budget.
 UNRESERVED_FRAME = 64 * 1024
-_CHUNK = 64 * 1024
 
 
 class FrameStalled(Exception):
@@ -35,7 +34,11 @@ class FrameStalled(Exception):
 
 class FrameReader:
     """Frames from one connection; ``read`` raises FrameTooLarge, BudgetExhausted,
-    FrameStalled, and anyio's EndOfStream or IncompleteRead when the client goes."""
+    FrameStalled, and anyio's EndOfStream or IncompleteRead when the client goes.
+
+    The cutting into frames is FrameDecoder's; this adds the reads, the deadline and the
+    reservation.
+    """
 
     def __init__(
         self,
@@ -49,57 +52,38 @@ class FrameReader:
         self.max_frame = max_frame
         self.budget = budget
         self.read_timeout_s = read_timeout_s
-        self._buffer = bytearray()
+        # A body above what is read unreserved goes into one buffer of its exact size,
+        # allocated only after its reservation.
+        self._frames = FrameDecoder(max_frame, exact_above=UNRESERVED_FRAME)
 
     async def read(self) -> bytes | bytearray:
         """The next frame's body."""
-        await self._fill(HEADER_SIZE)
-        header = bytes(self._buffer[:HEADER_SIZE])
-        del self._buffer[:HEADER_SIZE]
-        size = frame_length(header, self.max_frame)
-        if size <= len(self._buffer):
+        frames = self._frames
+        while (size := frames.frame_size()) is None:
+            await self._receive()
+        body = frames.next_frame()
+        if body is not None:
             # The usual case: the whole frame came in one read, nothing to wait for.
-            return self._take(size)
+            return body
         reserved = size if size > UNRESERVED_FRAME else 0
         if reserved and not self.budget.try_reserve(reserved):
             await self.budget.reserve(reserved, self.read_timeout_s)
         try:
             with anyio.move_on_after(self.read_timeout_s):
-                return await self._body(size)
+                while (body := frames.next_frame()) is None:
+                    await self._receive()
+                return body
             raise FrameStalled(size, self.read_timeout_s)
         finally:
             if reserved:
                 self.budget.release(reserved)
 
-    async def _fill(self, size: int) -> None:
-        while len(self._buffer) < size:
-            try:
-                self._buffer += await self.stream.receive()
-            except anyio.EndOfStream:
-                if self._buffer:
-                    raise anyio.IncompleteRead from None
-                raise
-
-    def _take(self, size: int) -> bytes:
-        with memoryview(self._buffer) as view:
-            body = bytes(view[:size])
-        del self._buffer[:size]
-        return body
-
-    async def _body(self, size: int) -> bytes | bytearray:
-        if size <= UNRESERVED_FRAME:
-            await self._fill(size)
-            return self._take(size)
-        # A large body goes into one buffer of its exact size, reserved above.
-        large = bytearray(size)
-        filled = len(self._buffer)
-        large[:filled] = self._buffer
-        self._buffer.clear()
-        while filled < size:
-            try:
-                chunk = await self.stream.receive(min(_CHUNK, size - filled))
-            except anyio.EndOfStream:
+    async def _receive(self) -> None:
+        frames = self._frames
+        try:
+            data = await self.stream.receive(frames.want())
+        except anyio.EndOfStream:
+            if frames.buffered:
                 raise anyio.IncompleteRead from None
-            large[filled : filled + len(chunk)] = chunk
-            filled += len(chunk)
-        return large
+            raise
+        frames.feed(data)

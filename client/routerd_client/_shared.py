@@ -5,29 +5,20 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 import msgspec
 
-from .errors import BadRequest, ProtocolError, RouterdError, Unavailable, error_from_message
+from .errors import BadRequest, ProtocolError, Unavailable, error_from_message
 from .protocol import (
     PROTOCOL_VERSION,
     Chat,
-    Chunk,
     ClientMessage,
     DaemonMessage,
     Error,
-    FrameTooLarge,
-    Reloaded,
-    Result,
-    StatusReport,
     Welcome,
     encode_frame,
 )
-
-#: What a request's queue receives: the daemon's messages for its id, or a failure of the
-#: whole connection (one fresh exception per request, so threads never share a traceback).
-Reply: TypeAlias = Chunk | Result | Error | StatusReport | Reloaded | RouterdError
 
 #: How long the connect and the Hello/Welcome exchange may take when no timeout is given.
 HANDSHAKE_TIMEOUT = 10.0
@@ -105,19 +96,6 @@ def connection_lost(path: str) -> Unavailable:
 def client_closed() -> Unavailable:
     """The error for requests still pending, or newly made, after close()."""
     return Unavailable("the routerd client was closed")
-
-
-def frame_too_large(exc: FrameTooLarge) -> ProtocolError:
-    """The error for a frame from the daemon above this client's max_frame."""
-    return ProtocolError(
-        f"routerd sent a frame of {exc.size} bytes, above this client's max_frame of "
-        f"{exc.limit} bytes; the connection was dropped"
-    )
-
-
-def undecodable(exc: Exception) -> ProtocolError:
-    """The error for a frame from the daemon that is not a message this client knows."""
-    return ProtocolError(f"routerd sent a message this client cannot read ({exc})")
 
 
 def unexpected(message: DaemonMessage, wanted: str) -> ProtocolError:

@@ -7,15 +7,11 @@ import contextlib
 import itertools
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from types import TracebackType
 from typing import Any, Self
 
-import msgspec
-
 from ._shared import (
     HANDSHAKE_TIMEOUT,
-    Reply,
     cannot_connect,
     chat_message,
     check_welcome,
@@ -23,21 +19,16 @@ from ._shared import (
     connection_lost,
     default_client_name,
     encode_request,
-    frame_too_large,
-    undecodable,
     unexpected,
 )
-from .errors import BadRequest, DeadlineExceeded, RouterdError, Unavailable, error_from_message
+from .errors import RouterdError, Unavailable
 from .paths import default_socket_path
 from .protocol import (
     DEFAULT_MAX_FRAME,
-    HEADER_SIZE,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
     DaemonMessage,
-    Error,
-    FrameTooLarge,
     Hello,
     Reload,
     Reloaded,
@@ -45,51 +36,42 @@ from .protocol import (
     Status,
     StatusReport,
     Welcome,
-    daemon_decoder,
     encode_frame,
-    frame_length,
+)
+from .wire import (
+    Answer,
+    ClientProtocol,
+    ConnectionFailed,
+    Reply,
+    answer,
+    check_request_size,
+    no_reply,
 )
 
 # StreamReader pauses the socket above twice this; a stream's chunks should not trip it.
 _STREAM_LIMIT = 1024 * 1024
 
-
-async def _read_frame(reader: asyncio.StreamReader, limit: int) -> DaemonMessage:
-    """Read one frame; asyncio.IncompleteReadError at end of stream."""
-    header = await reader.readexactly(HEADER_SIZE)
-    body = await reader.readexactly(frame_length(header, limit))
-    return daemon_decoder.decode(body)
+_Protocol = ClientProtocol[asyncio.Queue[Reply]]
 
 
 async def _handshake(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str, limit: int
+    loop: asyncio.AbstractEventLoop, sock: socket.socket, name: str, protocol: _Protocol
 ) -> DaemonMessage | None:
     """Say Hello on a connected socket and read the reply; None if the daemon hung up.
 
     Done on the bare socket, not the streams: a daemon that refuses a client may hang up
     before the Hello is written, and a failed write would make a StreamReader drop the
-    reply it already holds. Exactly one frame is read, so nothing is left behind.
+    reply it already holds. Bytes read past the reply stay in ``protocol``.
     """
     # If the daemon already hung up, what it said before it did is still there to read.
     with contextlib.suppress(BrokenPipeError, ConnectionResetError):
         await loop.sock_sendall(sock, encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
-    header = await _sock_exactly(loop, sock, HEADER_SIZE)
-    if header is None:
-        return None
-    body = await _sock_exactly(loop, sock, frame_length(header, limit))
-    return None if body is None else daemon_decoder.decode(body)
-
-
-async def _sock_exactly(
-    loop: asyncio.AbstractEventLoop, sock: socket.socket, size: int
-) -> bytes | None:
-    data = b""
-    while len(data) < size:
-        part = await loop.sock_recv(sock, size - len(data))
-        if not part:
+    while (message := protocol.next_message()) is None:
+        data = await loop.sock_recv(sock, protocol.frames.want())
+        if not data:
             return None
-        data += part
-    return data
+        protocol.frames.feed(data)
+    return message
 
 
 def _discard(sock: socket.socket, writer: asyncio.StreamWriter | None) -> None:
@@ -108,9 +90,9 @@ class _AsyncConnection:
         self,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
+        protocol: _Protocol,
         welcome: Welcome,
         path: str,
-        max_frame: int,
     ) -> None:
         self.path = path
         self.welcome = welcome
@@ -118,8 +100,8 @@ class _AsyncConnection:
         self.dead = False
         self._reader = reader
         self._writer = writer
-        self._max_frame = max_frame
-        self._pending: dict[int, asyncio.Queue[Reply]] = {}
+        self._protocol = protocol
+        self._pending = protocol.pending
         self._closing = False
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._read_loop(), name=f"routerd-client {path}")
@@ -134,13 +116,14 @@ class _AsyncConnection:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
         writer: asyncio.StreamWriter | None = None
+        protocol: _Protocol = ClientProtocol(max_frame, asyncio.Queue.put_nowait)
         try:
             async with asyncio.timeout(handshake):
                 try:
                     await loop.sock_connect(sock, path)
                 except OSError as exc:
                     raise cannot_connect(path, exc) from exc
-                welcome = check_welcome(await _handshake(loop, sock, name, max_frame), path)
+                welcome = check_welcome(await _handshake(loop, sock, name, protocol), path)
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_STREAM_LIMIT)
         except TimeoutError as exc:
             _discard(sock, writer)
@@ -149,15 +132,12 @@ class _AsyncConnection:
             ) from exc
         except BaseException as exc:
             _discard(sock, writer)
-            if isinstance(exc, FrameTooLarge):
-                raise frame_too_large(exc) from exc
-            # msgspec raises UnicodeDecodeError, not DecodeError, for a string not in UTF-8.
-            if isinstance(exc, msgspec.DecodeError | UnicodeDecodeError):
-                raise undecodable(exc) from exc
+            if isinstance(exc, ConnectionFailed):
+                raise exc.failure() from exc
             if isinstance(exc, OSError):
                 raise connection_lost(path) from exc
             raise
-        return cls(reader, writer, welcome, path, max_frame)
+        return cls(reader, writer, protocol, welcome, path)
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -177,11 +157,7 @@ class _AsyncConnection:
         wait in it at once.
         """
         try:
-            if len(frame) - HEADER_SIZE > self.welcome.max_frame:
-                raise BadRequest(
-                    f"the request is {len(frame) - HEADER_SIZE} bytes, above routerd's "
-                    f"max_frame of {self.welcome.max_frame} bytes"
-                )
+            check_request_size(frame, self.welcome)
             if self.dead:
                 raise client_closed() if self._closing else connection_lost(self.path)
             self._writer.write(frame)
@@ -194,9 +170,7 @@ class _AsyncConnection:
             raise
 
     @staticmethod
-    async def wait(
-        replies: asyncio.Queue[Reply], per_frame: float | None
-    ) -> Chunk | Result | StatusReport | Reloaded:
+    async def wait(replies: asyncio.Queue[Reply], per_frame: float | None) -> Answer:
         """The next message for a request, waiting at most ``per_frame`` seconds for it;
         a daemon Error or a failure is raised."""
         if per_frame is None:
@@ -206,12 +180,8 @@ class _AsyncConnection:
                 async with asyncio.timeout(per_frame):
                     item = await replies.get()
             except TimeoutError:
-                raise DeadlineExceeded(f"no reply from routerd within {per_frame} s") from None
-        if isinstance(item, RouterdError):
-            raise item
-        if isinstance(item, Error):
-            raise error_from_message(item)
-        return item
+                raise no_reply(per_frame) from None
+        return answer(item)
 
     def cancel(self, rid: int) -> None:
         """Stop waiting for ``rid`` and, if the daemon still works on it, send Cancel.
@@ -232,47 +202,27 @@ class _AsyncConnection:
     # ---- the reader task ----------------------------------------------------------------
 
     async def _read_loop(self) -> None:
-        reader = self._reader
-        pending = self._pending
-        limit = self._max_frame
-        failure: Callable[[], RouterdError] = partial(connection_lost, self.path)
+        read = self._reader.read
+        protocol = self._protocol
+        receive_data = protocol.receive_data
+        frames = protocol.frames
+        failure: Callable[[], RouterdError] | None = None
         try:
-            while True:
-                message = await _read_frame(reader, limit)
-                if isinstance(message, Chunk):
-                    replies = pending.get(message.id)
-                    if replies is not None:
-                        replies.put_nowait(message)
-                elif not isinstance(message, Welcome):
-                    if message.id is not None:
-                        # A terminal message: the request is over, and a late Cancel for it
-                        # is not sent because its id has left ``pending``.
-                        replies = pending.pop(message.id, None)
-                        if replies is not None:
-                            replies.put_nowait(message)
-                    elif isinstance(message, Error):
-                        # A connection-level Error: the daemon drops the connection after it.
-                        failure = partial(error_from_message, message)
-                        break
-        except FrameTooLarge as exc:
-            failure = partial(frame_too_large, exc)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            failure = partial(undecodable, exc)
-        except (OSError, EOFError):
-            pass  # IncompleteReadError is an EOFError: the daemon closed the connection
+            while data := await read(frames.want()):
+                receive_data(data)
+        except ConnectionFailed as exc:
+            failure = exc.failure
+        except OSError:
+            pass  # the daemon reset the connection
         finally:
-            self._fail_all(client_closed if self._closing else failure)
-            if not self._closing:
+            self.dead = True
+            if self._closing:
+                protocol.fail_all(client_closed)
+            else:
+                protocol.fail_all(failure or (lambda: connection_lost(self.path)))
                 # Nobody can use this connection again; free the socket without waiting
                 # for the client to notice.
                 self._writer.close()
-
-    def _fail_all(self, failure: Callable[[], RouterdError]) -> None:
-        self.dead = True
-        pending = self._pending
-        while pending:
-            _, replies = pending.popitem()
-            replies.put_nowait(failure())
 
     async def aclose(self) -> None:
         """Fail what is pending, stop the reader task and close the socket."""
@@ -421,7 +371,7 @@ class AsyncClient:
                 self._conn = conn
             return conn
 
-    async def _request(self, rid: int, frame: bytes) -> Chunk | Result | StatusReport | Reloaded:
+    async def _request(self, rid: int, frame: bytes) -> Answer:
         conn = await self._connection()
         replies = conn.register(rid)
         await conn.send(rid, frame)

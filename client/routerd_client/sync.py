@@ -9,15 +9,11 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
 from types import TracebackType
-from typing import IO, Any, Self
-
-import msgspec
+from typing import Any, Self
 
 from ._shared import (
     HANDSHAKE_TIMEOUT,
-    Reply,
     cannot_connect,
     chat_message,
     check_welcome,
@@ -25,21 +21,16 @@ from ._shared import (
     connection_lost,
     default_client_name,
     encode_request,
-    frame_too_large,
-    undecodable,
     unexpected,
 )
-from .errors import BadRequest, DeadlineExceeded, RouterdError, Unavailable, error_from_message
+from .errors import RouterdError, Unavailable
 from .paths import default_socket_path
 from .protocol import (
     DEFAULT_MAX_FRAME,
-    HEADER_SIZE,
     PROTOCOL_VERSION,
     Cancel,
     Chunk,
     DaemonMessage,
-    Error,
-    FrameTooLarge,
     Hello,
     Reload,
     Reloaded,
@@ -47,42 +38,48 @@ from .protocol import (
     Status,
     StatusReport,
     Welcome,
-    daemon_decoder,
     encode_frame,
-    frame_length,
+)
+from .wire import (
+    Answer,
+    ClientProtocol,
+    ConnectionFailed,
+    Reply,
+    answer,
+    check_request_size,
+    no_reply,
 )
 
+_Protocol = ClientProtocol[queue.SimpleQueue[Reply]]
 
-def _read_frame(read: Callable[[int], bytes], limit: int) -> DaemonMessage | None:
-    """Read one frame through ``read``; None on end of stream, even mid-frame."""
-    header = read(HEADER_SIZE)
-    if len(header) < HEADER_SIZE:
-        return None
-    size = frame_length(header, limit)
-    body = read(size)
-    if len(body) < size:
-        return None
-    return daemon_decoder.decode(body)
+
+def _first_message(sock: socket.socket, protocol: _Protocol) -> DaemonMessage | None:
+    """Read until one whole message is in; None if the daemon hung up first."""
+    while (message := protocol.next_message()) is None:
+        data = sock.recv(protocol.frames.want())
+        if not data:
+            return None
+        protocol.frames.feed(data)
+    return message
 
 
 class _Connection:
     """One socket to the daemon after a good handshake, and the thread that reads it."""
 
     def __init__(
-        self, sock: socket.socket, rfile: IO[bytes], welcome: Welcome, path: str, max_frame: int
+        self, sock: socket.socket, protocol: _Protocol, welcome: Welcome, path: str
     ) -> None:
         self.path = path
         self.welcome = welcome
         #: Set once no new request may start here; the Client then opens a new connection.
         self.dead = False
         self._sock = sock
-        self._rfile = rfile
-        self._pending: dict[int, queue.SimpleQueue[Reply]] = {}
+        self._protocol = protocol
+        self._pending = protocol.pending
         self._send_lock = threading.Lock()
         # Cancels that found the send lock taken; whoever holds it sends them (see cancel()).
         self._cancels: deque[int] = deque()
         self._closing = False
-        self._max_frame = max_frame
         self._reader = threading.Thread(
             target=self._read_loop, name=f"routerd-client {path}", daemon=True
         )
@@ -93,40 +90,33 @@ class _Connection:
         """Connect, say Hello, and return the connection once the daemon said Welcome."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         handshake = timeout if timeout is not None else HANDSHAKE_TIMEOUT
+        protocol: _Protocol = ClientProtocol(max_frame, queue.SimpleQueue.put)
         try:
             sock.settimeout(handshake)
             try:
                 sock.connect(path)
             except OSError as exc:
                 raise cannot_connect(path, exc) from exc
-            rfile = sock.makefile("rb")
             try:
-                try:
-                    # If the daemon already hung up, what it said before it did is still
-                    # there to read.
-                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                        sock.sendall(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
-                    welcome = check_welcome(_read_frame(rfile.read, max_frame), path)
-                except TimeoutError as exc:
-                    raise Unavailable(
-                        f"routerd at {path} did not answer hello within {handshake} s"
-                    ) from exc
-                except FrameTooLarge as exc:
-                    raise frame_too_large(exc) from exc
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                    raise undecodable(exc) from exc
-                except OSError as exc:
-                    raise connection_lost(path) from exc
-            except BaseException:
-                # The file holds a reference that keeps sock.close() from closing the fd.
-                rfile.close()
-                raise
+                # If the daemon already hung up, what it said before it did is still there
+                # to read.
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    sock.sendall(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
+                welcome = check_welcome(_first_message(sock, protocol), path)
+            except TimeoutError as exc:
+                raise Unavailable(
+                    f"routerd at {path} did not answer hello within {handshake} s"
+                ) from exc
+            except ConnectionFailed as exc:
+                raise exc.failure() from exc
+            except OSError as exc:
+                raise connection_lost(path) from exc
             # The reader thread blocks in recv for as long as the connection lives.
             sock.settimeout(None)
         except BaseException:
             sock.close()
             raise
-        return cls(sock, rfile, welcome, path, max_frame)
+        return cls(sock, protocol, welcome, path)
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -136,7 +126,7 @@ class _Connection:
             raise client_closed() if self._closing else connection_lost(self.path)
         replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         self._pending[rid] = replies
-        # _fail_all sets ``dead`` before it drains, so a request that sees it still False
+        # The reader sets ``dead`` before it drains, so a request that sees it still False
         # here is certain to be drained (and failed) if the connection goes.
         if self.dead:
             self._pending.pop(rid, None)
@@ -145,12 +135,11 @@ class _Connection:
 
     def send(self, rid: int, frame: bytes) -> None:
         """Send one registered request's frame; on failure the request is forgotten."""
-        if len(frame) - HEADER_SIZE > self.welcome.max_frame:
+        try:
+            check_request_size(frame, self.welcome)
+        except BaseException:
             self._pending.pop(rid, None)
-            raise BadRequest(
-                f"the request is {len(frame) - HEADER_SIZE} bytes, above routerd's "
-                f"max_frame of {self.welcome.max_frame} bytes"
-            )
+            raise
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
@@ -164,19 +153,13 @@ class _Connection:
             self._flush_cancels()
 
     @staticmethod
-    def wait(
-        replies: queue.SimpleQueue[Reply], timeout: float | None
-    ) -> Chunk | Result | StatusReport | Reloaded:
+    def wait(replies: queue.SimpleQueue[Reply], timeout: float | None) -> Answer:
         """The next message for a request; a daemon Error or a failure is raised."""
         try:
             item = replies.get(timeout=timeout)
         except queue.Empty:
-            raise DeadlineExceeded(f"no reply from routerd within {timeout} s") from None
-        if isinstance(item, RouterdError):
-            raise item
-        if isinstance(item, Error):
-            raise error_from_message(item)
-        return item
+            raise no_reply(timeout) from None
+        return answer(item)
 
     def cancel(self, rid: int) -> None:
         """Stop waiting for ``rid`` and, if the daemon still works on it, send Cancel.
@@ -206,45 +189,24 @@ class _Connection:
     # ---- the reader thread --------------------------------------------------------------
 
     def _read_loop(self) -> None:
-        read = self._rfile.read
-        pending = self._pending
-        limit = self._max_frame
-        failure: Callable[[], RouterdError] = partial(connection_lost, self.path)
+        recv = self._sock.recv
+        protocol = self._protocol
+        receive_data = protocol.receive_data
+        frames = protocol.frames
+        failure: Callable[[], RouterdError] | None = None
         try:
-            while (message := _read_frame(read, limit)) is not None:
-                if isinstance(message, Chunk):
-                    replies = pending.get(message.id)
-                    if replies is not None:
-                        replies.put(message)
-                elif not isinstance(message, Welcome):
-                    if message.id is not None:
-                        # A terminal message: the request is over, and a late Cancel for it
-                        # is not sent because its id has left ``pending``.
-                        replies = pending.pop(message.id, None)
-                        if replies is not None:
-                            replies.put(message)
-                    elif isinstance(message, Error):
-                        # A connection-level Error: the daemon drops the connection after it.
-                        failure = partial(error_from_message, message)
-                        break
-        except FrameTooLarge as exc:
-            failure = partial(frame_too_large, exc)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-            failure = partial(undecodable, exc)
+            while data := recv(frames.want()):
+                receive_data(data)
+        except ConnectionFailed as exc:
+            failure = exc.failure
         except (OSError, ValueError):
             pass  # recv on a socket shut down or closed under us: the connection is gone
         finally:
-            self._fail_all(client_closed if self._closing else failure)
-
-    def _fail_all(self, failure: Callable[[], RouterdError]) -> None:
-        self.dead = True
-        pending = self._pending
-        while pending:
-            try:
-                _, replies = pending.popitem()
-            except KeyError:
-                break
-            replies.put(failure())
+            self.dead = True
+            if self._closing:
+                protocol.fail_all(client_closed)
+            else:
+                protocol.fail_all(failure or (lambda: connection_lost(self.path)))
 
     def close(self) -> None:
         """Fail what is pending, stop the reader thread and close the socket."""
@@ -257,7 +219,6 @@ class _Connection:
             self._reader.join()
         # Closing under a sender's feet could hand its fd number to another socket.
         with self._send_lock:
-            self._rfile.close()
             self._sock.close()
 
 
