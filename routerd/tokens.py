@@ -1,7 +1,8 @@
-"""A cheap token estimate for a chat request, with no tokenizer download.
+"""What a chat request costs in tokens: a cheap prompt estimate and the output it asks for.
 
-About four characters a token for English prose and code; images count a flat amount.
-The estimate feeds the tpm windows and the context-fit check, so erring high is safer.
+About four characters a token for English prose and code; images count a flat amount, with
+no tokenizer download. The estimate feeds the tpm windows and the context-fit check, so
+erring high is safer.
 """
 
 from __future__ import annotations
@@ -31,8 +32,29 @@ def _content_chars(content: Any) -> tuple[int, int]:
     return chars, images
 
 
+class Estimated(dict[str, Any]):
+    """A chat request that carries its prompt estimate, made once where the request is read.
+
+    The HTTP front needs the estimate before dispatch (Anthropic's message_start reports it)
+    and the dispatcher needs it again to plan; carrying it spares a second walk over what may
+    be a very long prompt. The request must not change after it is wrapped.
+    """
+
+    __slots__ = ("prompt_tokens",)
+
+    def __init__(self, request: dict[str, Any]) -> None:
+        super().__init__(request)
+        self.prompt_tokens = _estimate(self)
+
+
 def estimate_prompt(request: dict[str, Any]) -> int:
-    """Estimated prompt tokens of an OpenAI-shaped chat request."""
+    """Estimated prompt tokens of an OpenAI-shaped chat request (the carried one if Estimated)."""
+    if isinstance(request, Estimated):
+        return request.prompt_tokens
+    return _estimate(request)
+
+
+def _estimate(request: dict[str, Any]) -> int:
     chars = 0
     tokens = 0
     messages = request.get("messages")
@@ -56,9 +78,18 @@ def estimate_prompt(request: dict[str, Any]) -> int:
     return tokens + -(-chars // CHARS_PER_TOKEN)
 
 
+def requested_max_tokens(request: dict[str, Any]) -> Any:
+    """The output limit an OpenAI-shaped request names, as sent; None when it names none.
+
+    ``max_completion_tokens`` supersedes the deprecated ``max_tokens``, as OpenAI documents.
+    """
+    limit = request.get("max_completion_tokens")
+    return request.get("max_tokens") if limit is None else limit
+
+
 def output_allowance(request: dict[str, Any]) -> int:
-    """The output room the request asks for (max_tokens), 0 when it names none."""
-    limit = request.get("max_tokens") or request.get("max_completion_tokens") or 0
+    """The output room the request asks for (see requested_max_tokens), 0 when it names none."""
+    limit = requested_max_tokens(request)
     if not isinstance(limit, int) or isinstance(limit, bool):
         return 0
     return max(0, limit)

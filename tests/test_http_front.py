@@ -30,10 +30,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from routerd_client import Client
 
 from routerd.dispatch import Reply
-from routerd.front import FrontError, anthropic_request, anthropic_shape
+from routerd.front import FrontError, anthropic_shape
 from routerd.front.serve import bind_tcp
 from routerd.launch import DaemonProcess, DaemonStartError
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
+from routerd.translate import to_openai
 from routerd.upstream.base import Delta
 from tests.conftest import DaemonFactory, canary
 
@@ -464,7 +465,7 @@ PNG_URL = "data:image/png;base64,iVBORw0KGgo="
 
 def test_an_agents_anthropic_request_becomes_the_openai_shape() -> None:
     image = {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}
-    request = anthropic_request.parse_messages(
+    request = anthropic_shape.parse_messages(
         json.dumps(
             {
                 "model": "main",
@@ -503,7 +504,7 @@ def test_an_agents_anthropic_request_becomes_the_openai_shape() -> None:
             }
         ).encode()
     )
-    assert anthropic_request.to_openai(request) == {
+    assert to_openai(request) == {
         "messages": [
             {
                 "role": "system",

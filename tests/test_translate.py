@@ -8,15 +8,18 @@ from typing import Any
 import msgspec
 import pytest
 
+from routerd.calls import Delta
 from routerd.dispatch import merge_tool_calls
 from routerd.outcome import FailureClass, UpstreamFailure
+from routerd.tokens import Estimated, estimate_prompt, output_allowance, requested_max_tokens
 from routerd.translate import (
     AnthropicStreamTranslator,
     TranslationError,
     anthropic_to_completion,
+    finish_reason,
     openai_to_anthropic,
+    stop_reason,
 )
-from routerd.upstream.base import Delta
 
 MODEL = "claude-sonnet-4-5"
 PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
@@ -449,6 +452,70 @@ def test_stop_reasons_become_finish_reasons(stop_reason: str | None, expected: s
     assert result.finish_reason == expected
     assert result.tool_calls is None
     assert result.usage == {}
+
+
+@pytest.mark.parametrize(
+    ("finish", "stop"),
+    [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("tool_calls", "tool_use"),
+        ("function_call", "tool_use"),
+        ("content_filter", "refusal"),
+        (None, "end_turn"),
+        ("some_future_reason", "end_turn"),
+    ],
+)
+def test_finish_reasons_become_stop_reasons(finish: str | None, stop: str) -> None:
+    assert stop_reason(finish) == stop
+
+
+def test_every_reason_survives_the_round_trip_it_names() -> None:
+    # The inverse is derived from the same rows, so a client that sends back what it got
+    # keeps the meaning, whichever side the reply came from.
+    for finish in ("stop", "length", "tool_calls", "content_filter"):
+        assert finish_reason(stop_reason(finish)) == finish
+    for stop in ("end_turn", "max_tokens", "tool_use", "refusal"):
+        assert stop_reason(finish_reason(stop)) == stop
+
+
+# --- the one max_tokens rule ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ({"max_completion_tokens": 200, "max_tokens": 100}, 200),
+        ({"max_tokens": 100, "max_completion_tokens": 200}, 200),
+        ({"max_completion_tokens": 0, "max_tokens": 100}, 0),
+        ({"max_completion_tokens": None, "max_tokens": 100}, 100),
+        ({"max_tokens": 100}, 100),
+        ({"max_completion_tokens": 50}, 50),
+        ({}, None),
+    ],
+)
+def test_max_completion_tokens_supersedes_max_tokens_everywhere(
+    fields: dict[str, Any], expected: int | None
+) -> None:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "hi"}], **fields}
+    assert requested_max_tokens(body) == expected
+    # The planner reserves exactly the output the Anthropic upstream is asked for.
+    sent = openai_to_anthropic(body, MODEL, default_max_tokens=4096)["max_tokens"]
+    assert sent == (4096 if expected is None else expected)
+    assert output_allowance(body) == (expected or 0)
+
+
+@pytest.mark.parametrize("limit", [True, "100", -5, 1.5])
+def test_an_unusable_limit_reserves_no_output(limit: Any) -> None:
+    assert output_allowance({"max_completion_tokens": limit, "max_tokens": 100}) == 0
+
+
+def test_a_carried_estimate_is_the_estimate_of_the_request() -> None:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": "x" * 400}], "tools": []}
+    carried = Estimated(body)
+    assert carried == body and carried.prompt_tokens == estimate_prompt(body) > 100
+    assert estimate_prompt(carried) == carried.prompt_tokens
+    assert msgspec.json.decode(msgspec.json.encode(carried)) == body
 
 
 # --- stream ---------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Anthropic's Messages shape for routerd's replies: the whole message, or its event stream.
+"""Anthropic's Messages shape: the request read, the reply and its event stream written.
 
-The dispatcher's replies are OpenAI-shaped (text, tool calls, finish reason, usage); here
+The request is decoded here and translated by routerd.translate.anthropic_in. The
+dispatcher's replies are OpenAI-shaped (text, tool calls, finish reason, usage); here
 they become a ``message`` object, or the exact event sequence the Messages API streams:
 message_start, then per content block content_block_start, content_block_delta
 (text_delta or input_json_delta) and content_block_stop, then message_delta (stop reason,
@@ -15,48 +16,54 @@ from typing import Any
 import msgspec
 import structlog
 
+from routerd.calls import Delta
 from routerd.dispatch import Reply
 from routerd.front.errors import HttpError
-from routerd.front.wire import encode, sse, trailer
-from routerd.upstream.base import Delta
+from routerd.front.wire import ShapeError, encode, sse, trailer
+from routerd.tokens import Estimated
+from routerd.translate import (
+    MessagesRequest,
+    TranslationError,
+    anthropic_usage,
+    stop_reason,
+    to_openai,
+    tool_input,
+)
 
 log = structlog.get_logger("routerd.front")
 
-# OpenAI finish reasons in Anthropic's words.
-_STOP_REASONS = {
-    "stop": "end_turn",
-    "length": "max_tokens",
-    "tool_calls": "tool_use",
-    "function_call": "tool_use",
-    "content_filter": "refusal",
-}
+
+def parse_messages(raw: bytes) -> MessagesRequest:
+    """Decode and check a Messages body; raises ShapeError with the offending path."""
+    try:
+        request = msgspec.json.decode(raw, type=MessagesRequest)
+    except msgspec.ValidationError as exc:
+        raise ShapeError(str(exc)) from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # the latter for bad UTF-8
+        raise ShapeError(f"the request body is not valid JSON: {exc}") from None
+    if not request.messages:
+        raise ShapeError("messages: at least one message is required")
+    return request
 
 
-def stop_reason(finish_reason: str | None) -> str:
-    """Anthropic's stop_reason for an OpenAI finish_reason."""
-    return _STOP_REASONS.get(finish_reason or "stop", "end_turn")
+def chat_body(request: MessagesRequest) -> Estimated:
+    """The OpenAI chat body for a Messages request, its prompt estimated once for all readers.
 
-
-def _usage(usage: dict[str, int]) -> dict[str, int]:
-    return {
-        "input_tokens": usage.get("prompt_tokens", 0),
-        "output_tokens": usage.get("completion_tokens", 0),
-    }
+    Raises ShapeError for what the OpenAI shape cannot hold.
+    """
+    try:
+        return Estimated(to_openai(request))
+    except TranslationError as exc:
+        raise ShapeError(str(exc)) from None
 
 
 def _tool_input(arguments: str, name: str) -> dict[str, Any]:
     """A tool call's arguments as the object Anthropic's ``input`` must be."""
-    if not arguments:
-        return {}
-    try:
-        value = msgspec.json.decode(arguments)
-    except msgspec.DecodeError:
-        value = None
-    if isinstance(value, dict):
-        return value
-    # The model emitted something that is not a JSON object; keep it where the agent sees it.
-    log.warning("tool_arguments_not_an_object", tool=name)
-    return {"_raw": arguments}
+    value = tool_input(arguments)
+    if arguments and value == {"_raw": arguments}:
+        # The model emitted something that is not a JSON object: worth a line in the log.
+        log.warning("tool_arguments_not_an_object", tool=name)
+    return value
 
 
 def message(reply: Reply) -> bytes:
@@ -84,7 +91,7 @@ def message(reply: Reply) -> bytes:
             "content": content,
             "stop_reason": stop_reason(reply.finish_reason),
             "stop_sequence": None,
-            "usage": _usage(reply.usage),
+            "usage": anthropic_usage(reply.usage),
         }
     )
 
@@ -184,7 +191,7 @@ class EventEncoder:
         end = {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason(reply.finish_reason), "stop_sequence": None},
-            "usage": _usage(reply.usage) if reply.usage else {"output_tokens": 0},
+            "usage": anthropic_usage(reply.usage) if reply.usage else {"output_tokens": 0},
         }
         return (
             self._stop()

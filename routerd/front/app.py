@@ -30,15 +30,14 @@ from routerd_client.errors import InternalError, RouterdError
 
 from routerd import __version__
 from routerd.budget import BudgetExhausted, BufferBudget
+from routerd.calls import Delta
 from routerd.dispatch import Dispatcher, Reply
-from routerd.front import anthropic_request, anthropic_shape, openai_shape
+from routerd.front import anthropic_shape, openai_shape
 from routerd.front.body import BodyTimeout, BodyTooLarge, read_body
 from routerd.front.connections import CLIENT_KEY
 from routerd.front.errors import HttpError, front_error, routed_error
 from routerd.front.metrics import CONTENT_TYPE, Metrics
 from routerd.front.wire import JSON, SSE, Api, ShapeError, encode, served_by
-from routerd.tokens import estimate_prompt
-from routerd.upstream.base import Delta
 
 log = structlog.get_logger("routerd.front")
 
@@ -202,14 +201,15 @@ class FrontApp:
         body = await self._read_body(request, receive)
         if body is None:
             return
-        messages = anthropic_request.parse_messages(body)
-        chat = anthropic_request.to_openai(messages)
+        messages = anthropic_shape.parse_messages(body)
+        chat = anthropic_shape.chat_body(messages)
         call = _Chat(
             api="anthropic",
             route=messages.model,
             body=chat,
             stream=bool(messages.stream),
-            encoder=anthropic_shape.EventEncoder(messages.model, estimate_prompt(chat)),
+            # The dispatcher plans with this same estimate: chat carries it.
+            encoder=anthropic_shape.EventEncoder(messages.model, chat.prompt_tokens),
             render=anthropic_shape.message,
         )
         await self._chat(call, request, receive, send)
@@ -321,8 +321,8 @@ class FrontApp:
         body = await self._read_body(request, receive)
         if body is None:
             return
-        chat = anthropic_request.to_openai(anthropic_request.parse_messages(body))
-        await _reply_json(send, 200, encode({"input_tokens": estimate_prompt(chat)}))
+        chat = anthropic_shape.chat_body(anthropic_shape.parse_messages(body))
+        await _reply_json(send, 200, encode({"input_tokens": chat.prompt_tokens}))
 
     async def _models(self, request: _Request, send: Send) -> None:
         dispatcher = self.state.dispatcher

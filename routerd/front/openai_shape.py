@@ -14,10 +14,10 @@ from typing import Any
 
 import msgspec
 
+from routerd.calls import Delta
 from routerd.dispatch import Reply
 from routerd.front.errors import HttpError
 from routerd.front.wire import ShapeError, encode, trailer
-from routerd.upstream.base import Delta
 
 # Fields the front consumes; everything else reaches the upstream untouched.
 _FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})

@@ -1,7 +1,7 @@
 """The Anthropic Messages adapter: OpenAI-shaped calls in, OpenAI-shaped replies out.
 
-The request is rewritten by routerd.translate_request and the reply, whole or streamed, by
-routerd.translate_stream, so an Anthropic target can sit in any chain. httpx exceptions are
+The request is rewritten and the reply, whole or streamed, translated back by
+routerd.translate, so an Anthropic target can sit in any chain. httpx exceptions are
 translated by the same one helper the OpenAI adapter uses; callers only see UpstreamFailure.
 """
 
@@ -15,14 +15,16 @@ from typing import Any
 import httpx
 import msgspec
 
-# A module import, not names: routerd.translate_stream needs Delta from this package, and
-# importing it first runs this package's __init__, which imports this module before
-# translate_stream has defined anything. Its names are looked up at call time instead.
-from routerd import translate_stream
 from routerd.classify import MESSAGE_LIMIT, classify, scrub, transport_failure
 from routerd.limits import anthropic_limits
 from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
-from routerd.translate_request import DEFAULT_MAX_TOKENS, TranslationError, openai_to_anthropic
+from routerd.translate import (
+    DEFAULT_MAX_TOKENS,
+    AnthropicStreamTranslator,
+    TranslationError,
+    anthropic_to_completion,
+    openai_to_anthropic,
+)
 from routerd.upstream.base import Call, Completion, Delta
 from routerd.upstream.common import endpoint, open_stream, post, sse_events
 
@@ -72,9 +74,7 @@ class AnthropicStream:
         self.finish_reason: str | None = None
         self._response = response
         self._call = call
-        self._translator = translate_stream.AnthropicStreamTranslator(
-            call.model, key=call.key, clock=clock
-        )
+        self._translator = AnthropicStreamTranslator(call.model, key=call.key, clock=clock)
         self._iterated = False
 
     def __aiter__(self) -> AsyncIterator[Delta]:
@@ -201,9 +201,7 @@ class AnthropicAdapter:
             if isinstance(reply, dict) and reply.get("type") == "error":
                 failure = self._classify(response, response.content, call)
             elif isinstance(reply, dict) and isinstance(reply.get("content"), list):
-                text, tool_calls, finish, usage, model = translate_stream.anthropic_to_completion(
-                    reply
-                )
+                text, tool_calls, finish, usage, model = anthropic_to_completion(reply)
                 return Completion(
                     text=text,
                     model=model or call.model,

@@ -2,8 +2,8 @@
 
 ``openai_to_anthropic`` keeps only what Anthropic understands, since it refuses unknown fields:
 
-- ``model`` (the target's), ``max_tokens`` (from ``max_completion_tokens``, else
-  ``max_tokens``, else a default: Anthropic requires it), ``temperature`` (clamped to
+- ``model`` (the target's), ``max_tokens`` (routerd.tokens.requested_max_tokens, else a
+  default: Anthropic requires it), ``temperature`` (clamped to
   Anthropic's 0..1), ``top_p`` (left out when 1, which truncates nothing, because newer
   Claude models refuse ``temperature`` and ``top_p`` together), ``stop`` ->
   ``stop_sequences``, ``stream``, ``user`` (else ``safety_identifier``) ->
@@ -31,21 +31,20 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-import msgspec
+from routerd.tokens import requested_max_tokens
+from routerd.translate.errors import TranslationError
+from routerd.translate.reply import tool_input
+from routerd.translate.tables import ANTHROPIC_TOOL_CHOICE
 
-__all__ = ["DEFAULT_MAX_TOKENS", "TranslationError", "openai_to_anthropic"]
+__all__ = ["DEFAULT_MAX_TOKENS", "openai_to_anthropic"]
 
 DEFAULT_MAX_TOKENS = 4096
 
 # Anthropic accepts only these characters in a tool_use id; ids minted by other providers
 # (a conversation that started elsewhere in the chain) may carry others.
 _TOOL_ID_JUNK = re.compile(r"[^a-zA-Z0-9_-]")
-_ANTHROPIC_CHOICES = frozenset({"auto", "any", "tool", "none"})
+_ANTHROPIC_CHOICES = frozenset({*ANTHROPIC_TOOL_CHOICE.values(), "tool"})
 _NO_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
-
-
-class TranslationError(ValueError):
-    """The OpenAI-shaped request has something the Anthropic Messages API cannot express."""
 
 
 def openai_to_anthropic(
@@ -179,26 +178,11 @@ def _tool_use(call: Any) -> dict[str, Any]:
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict) or not isinstance(function.get("name"), str):
         raise TranslationError("a tool call needs a function name")
-    arguments = function.get("arguments")
-    tool_input: Any
-    if isinstance(arguments, dict):
-        tool_input = arguments
-    elif not arguments:
-        tool_input = {}  # a tool without parameters is often called with ""
-    else:
-        try:
-            tool_input = msgspec.json.decode(str(arguments))
-        except msgspec.DecodeError:
-            tool_input = None
-        # Anthropic needs an object; models do emit broken or non-object arguments, and the
-        # conversation must still go on, so the raw text is kept where the model can see it.
-        if not isinstance(tool_input, dict):
-            tool_input = {"_raw": str(arguments)}
     return {
         "type": "tool_use",
         "id": _tool_id(call.get("id")),
         "name": function["name"],
-        "input": tool_input,
+        "input": tool_input(function.get("arguments")),
     }
 
 
@@ -238,11 +222,8 @@ def _collapse(blocks: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 
 
 def _max_tokens(body: dict[str, Any], default: int) -> Any:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is not None:
-            return value
-    return default
+    limit = requested_max_tokens(body)
+    return default if limit is None else limit
 
 
 def _sampling(body: dict[str, Any], out: dict[str, Any]) -> None:
@@ -296,13 +277,9 @@ def _tools(body: dict[str, Any], out: dict[str, Any]) -> None:
 def _tool_choice(choice: object) -> dict[str, Any] | None:
     if choice is None:
         return None
-    if choice == "auto":
-        return {"type": "auto"}
-    if choice == "required":
-        return {"type": "any"}
-    if choice == "none":
-        # Not dropping the tools: a history that holds tool calls must still declare them.
-        return {"type": "none"}
+    if isinstance(choice, str) and choice in ANTHROPIC_TOOL_CHOICE:
+        # "none" keeps the tools: a history that holds tool calls must still declare them.
+        return {"type": ANTHROPIC_TOOL_CHOICE[choice]}
     if isinstance(choice, dict):
         if choice.get("type") == "function":
             function = choice.get("function")

@@ -1,113 +1,22 @@
-"""Anthropic replies in OpenAI chat shape: the whole message, or the stream event by event.
+"""Anthropic's event stream in OpenAI terms: one Delta per event that says something.
 
-Both share one vocabulary: stop reasons become finish reasons, usage becomes OpenAI usage
-(cache reads and writes count as prompt tokens), ``tool_use`` blocks become OpenAI tool
-calls. Thinking and server-tool blocks are not part of an OpenAI reply and are left out.
+Stop reasons become finish reasons and usage OpenAI usage (routerd.translate.tables);
+``tool_use`` blocks become OpenAI tool calls, their input streamed as argument fragments.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
-import msgspec
-
+from routerd.calls import Delta
 from routerd.classify import classify
 from routerd.outcome import UpstreamFailure
-from routerd.upstream.base import Delta
+from routerd.translate.reply import openai_tool_call
+from routerd.translate.tables import finish_reason, openai_usage
 
-__all__ = [
-    "AnthropicReply",
-    "AnthropicStreamTranslator",
-    "anthropic_to_completion",
-    "finish_reason",
-]
-
-# Anthropic's stop reasons in OpenAI's words; anything newer reads as a plain stop.
-_FINISH = {
-    "end_turn": "stop",
-    "stop_sequence": "stop",
-    "pause_turn": "stop",
-    "max_tokens": "length",
-    "model_context_window_exceeded": "length",
-    "tool_use": "tool_calls",
-    "refusal": "content_filter",
-}
-
-_encode = msgspec.json.Encoder().encode
-
-
-class AnthropicReply(NamedTuple):
-    """A whole Anthropic reply in OpenAI terms."""
-
-    text: str
-    tool_calls: list[dict[str, Any]] | None
-    finish_reason: str | None
-    usage: dict[str, int]
-    model: str | None
-
-
-def finish_reason(stop_reason: object) -> str | None:
-    """OpenAI's finish_reason for an Anthropic stop_reason (None while not stopped)."""
-    if not isinstance(stop_reason, str) or not stop_reason:
-        return None
-    return _FINISH.get(stop_reason, "stop")
-
-
-def _count(usage: dict[str, Any], name: str) -> int:
-    value = usage.get(name)
-    return value if type(value) is int else 0
-
-
-def _usage(usage: object) -> dict[str, int]:
-    """OpenAI usage; cached and cache-writing input tokens are prompt tokens too."""
-    if not isinstance(usage, dict) or not usage:
-        return {}
-    prompt = sum(
-        _count(usage, name)
-        for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
-    )
-    completion = _count(usage, "output_tokens")
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _tool_call(block: dict[str, Any]) -> dict[str, Any]:
-    tool_input = block.get("input")
-    return {
-        "id": str(block.get("id") or ""),
-        "type": "function",
-        "function": {
-            "name": str(block.get("name") or ""),
-            "arguments": _encode(tool_input if tool_input is not None else {}).decode(),
-        },
-    }
-
-
-def anthropic_to_completion(reply: dict[str, Any]) -> AnthropicReply:
-    """Text, OpenAI tool calls, finish_reason, usage and model of an Anthropic message."""
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in reply.get("content") or ():
-        if not isinstance(block, dict):
-            continue
-        kind = block.get("type")
-        if kind == "text" and isinstance(block.get("text"), str):
-            texts.append(block["text"])
-        elif kind == "tool_use":
-            calls.append(_tool_call(block))
-    model = reply.get("model")
-    return AnthropicReply(
-        text="".join(texts),
-        tool_calls=calls or None,
-        finish_reason=finish_reason(reply.get("stop_reason")),
-        usage=_usage(reply.get("usage")),
-        model=model if isinstance(model, str) and model else None,
-    )
+__all__ = ["AnthropicStreamTranslator"]
 
 
 class AnthropicStreamTranslator:
@@ -172,7 +81,7 @@ class AnthropicStreamTranslator:
         if kind != "tool_use" or not isinstance(data.get("index"), int):
             return None  # thinking, server tools and their results are not OpenAI output
         index = self._tools[data["index"]] = len(self._tools)
-        call = _tool_call(block)
+        call = openai_tool_call(block)
         # The input arrives as input_json_delta fragments; the opening {} is a placeholder.
         if not block.get("input"):
             call["function"]["arguments"] = ""
@@ -201,4 +110,4 @@ class AnthropicStreamTranslator:
             self._counts.update(
                 (name, value) for name, value in usage.items() if type(value) is int
             )
-            self.usage = _usage(self._counts)
+            self.usage = openai_usage(self._counts)

@@ -1,5 +1,8 @@
 """Anthropic Messages requests rewritten in the OpenAI chat shape the dispatcher takes (pure).
 
+What the OpenAI shape cannot hold raises TranslationError naming the offending path; the
+front answers it as a bad request.
+
 - ``system`` (a string or text blocks) becomes the first, system, message.
 - User turns: ``text`` and ``image`` blocks become content parts; ``document`` blocks with
   base64 data become ``file`` parts; each ``tool_result`` becomes a ``tool`` message, placed
@@ -10,7 +13,7 @@
   ``service_tier`` are dropped: the OpenAI shape has no place for them.
 - ``tools`` become function tools; tools of Anthropic's own types (web search, ...) and
   block types this module does not know pass through untouched, so an Anthropic upstream
-  still receives them (routerd.translate_request keeps them too).
+  still receives them (routerd.translate.request keeps them too).
 - ``tool_choice`` auto/any/tool/none and ``disable_parallel_tool_use``,
   ``stop_sequences``, ``max_tokens``, ``temperature``, ``top_p`` and
   ``metadata.user_id`` map to their OpenAI names.
@@ -24,7 +27,12 @@ from typing import Any, Literal
 
 import msgspec
 
-from routerd.front.wire import ShapeError, encode
+from routerd.translate.errors import TranslationError
+from routerd.translate.tables import OPENAI_TOOL_CHOICE
+
+__all__ = ["MessagesRequest", "to_openai"]
+
+_encode = msgspec.json.Encoder().encode
 
 
 class _Message(msgspec.Struct):
@@ -49,19 +57,6 @@ class MessagesRequest(msgspec.Struct):
 
 
 _DROPPED_BLOCKS = frozenset({"thinking", "redacted_thinking"})
-
-
-def parse_messages(raw: bytes) -> MessagesRequest:
-    """Decode and check a Messages body; raises ShapeError with the offending path."""
-    try:
-        request = msgspec.json.decode(raw, type=MessagesRequest)
-    except msgspec.ValidationError as exc:
-        raise ShapeError(str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # the latter for bad UTF-8
-        raise ShapeError(f"the request body is not valid JSON: {exc}") from None
-    if not request.messages:
-        raise ShapeError("messages: at least one message is required")
-    return request
 
 
 def to_openai(request: MessagesRequest) -> dict[str, Any]:
@@ -103,7 +98,7 @@ def _system(system: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
 def _text_part(block: dict[str, Any], where: str) -> dict[str, Any]:
     text = block.get("text")
     if block.get("type") != "text" or not isinstance(text, str):
-        raise ShapeError(f"{where}: expected a text block")
+        raise TranslationError(f"{where}: expected a text block")
     part: dict[str, Any] = {"type": "text", "text": text}
     if "cache_control" in block:
         part["cache_control"] = block["cache_control"]
@@ -125,7 +120,7 @@ def _user(content: str | list[dict[str, Any]], where: str) -> list[dict[str, Any
             tools[-1]["content"] = text
             parts.extend(images)
         elif kind == "tool_use":
-            raise ShapeError(f"{here}: tool_use blocks belong in assistant messages")
+            raise TranslationError(f"{here}: tool_use blocks belong in assistant messages")
         elif kind not in _DROPPED_BLOCKS:
             parts.append(_part(block, here))
     if parts:
@@ -165,7 +160,9 @@ def _source_url(block: dict[str, Any], where: str) -> str:
         elif source.get("type") == "url" and isinstance(source.get("url"), str):
             url: str = source["url"]
             return url
-    raise ShapeError(f"{where}.source: expected a base64 or url source (file ids cannot be routed)")
+    raise TranslationError(
+        f"{where}.source: expected a base64 or url source (file ids cannot be routed)"
+    )
 
 
 def _tool_result(block: dict[str, Any], where: str) -> tuple[str, list[dict[str, Any]]]:
@@ -174,12 +171,12 @@ def _tool_result(block: dict[str, Any], where: str) -> tuple[str, list[dict[str,
     if content is None or isinstance(content, str):
         return content or "", []
     if not isinstance(content, list):
-        raise ShapeError(f"{where}.content: expected a string or a list of blocks")
+        raise TranslationError(f"{where}.content: expected a string or a list of blocks")
     texts: list[str] = []
     images: list[dict[str, Any]] = []
     for index, item in enumerate(content):
         if not isinstance(item, dict):
-            raise ShapeError(f"{where}.content.{index}: expected a block")
+            raise TranslationError(f"{where}.content.{index}: expected a block")
         if item.get("type") == "text":
             texts.append(str(item.get("text", "")))
         elif item.get("type") == "image":
@@ -202,7 +199,7 @@ def _assistant(content: str | list[dict[str, Any]], where: str) -> dict[str, Any
                     "type": "function",
                     "function": {
                         "name": _string(block, "name", here),
-                        "arguments": encode(block.get("input") or {}).decode(),
+                        "arguments": _encode(block.get("input") or {}).decode(),
                     },
                 }
             )
@@ -238,17 +235,13 @@ def _tool(tool: dict[str, Any], where: str) -> dict[str, Any]:
 
 def _tool_choice(choice: dict[str, Any], body: dict[str, Any]) -> None:
     kind = choice.get("type")
-    if kind == "auto":
-        body["tool_choice"] = "auto"
-    elif kind == "any":
-        body["tool_choice"] = "required"
-    elif kind == "none":
-        body["tool_choice"] = "none"
+    if isinstance(kind, str) and kind in OPENAI_TOOL_CHOICE:
+        body["tool_choice"] = OPENAI_TOOL_CHOICE[kind]
     elif kind == "tool":
         name = _string(choice, "name", "tool_choice")
         body["tool_choice"] = {"type": "function", "function": {"name": name}}
     else:
-        raise ShapeError(f"tool_choice.type: expected auto, any, tool or none, got {kind!r}")
+        raise TranslationError(f"tool_choice.type: expected auto, any, tool or none, got {kind!r}")
     if choice.get("disable_parallel_tool_use") is True:
         body["parallel_tool_calls"] = False
 
@@ -256,5 +249,5 @@ def _tool_choice(choice: dict[str, Any], body: dict[str, Any]) -> None:
 def _string(block: dict[str, Any], field: str, where: str) -> str:
     value = block.get(field)
     if not isinstance(value, str) or not value:
-        raise ShapeError(f"{where}.{field}: expected a non-empty string")
+        raise TranslationError(f"{where}.{field}: expected a non-empty string")
     return value

@@ -1,0 +1,51 @@
+"""The values an upstream call trades in: the Call going out, the Completion or Deltas coming back.
+
+They live apart from routerd.upstream so that the translators, which build Deltas, import
+nothing of the adapters that use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from routerd.outcome import RateLimitReport
+
+__all__ = ["Call", "Completion", "Delta"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attempt against one target with one credential.
+
+    ``body`` is the client's request in OpenAI chat shape; the adapter sets the model itself.
+    ``timeout`` bounds the whole attempt (connect, first byte, and each read).
+    """
+
+    base_url: str
+    model: str
+    key: str = field(repr=False)
+    body: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 120.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole reply, normalised to OpenAI chat shape."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, int]
+    limits: RateLimitReport
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One streamed piece: text and/or OpenAI-style tool-call deltas."""
+
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
