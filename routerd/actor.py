@@ -1,9 +1,10 @@
 """The credential actor: a task per credential that owns its state's timers, logs and persistence.
 
-State transitions themselves are synchronous (``CredentialState`` methods called by the
-dispatcher in the same event-loop step as the plan), so no plan ever sees a stale credential.
-What takes time happens here, fed through a bounded mailbox: logging each state change,
-waking requests that wait when a cooldown runs out, and marking the state file dirty.
+State transitions themselves are synchronous (``routerd.core`` applies them in the same
+event-loop step as the plan), so no plan ever sees a stale credential. What takes time
+happens here, fed through a bounded mailbox of the core's events: logging each change,
+marking the state file dirty at once for a park or a disable, and, when a cooldown runs
+out, logging it and waking the requests that wait.
 """
 
 from __future__ import annotations
@@ -11,26 +12,24 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import anyio
 import structlog
 from anyio.abc import TaskStatus
 
+from routerd.core import (
+    CredentialCooled,
+    CredentialDisabled,
+    CredentialEvent,
+    CredentialParked,
+    CredentialReady,
+    WindowLearned,
+    expire,
+)
 from routerd.credential import CredentialState, Health
 from routerd.secrets import Secret
 
 log = structlog.get_logger("routerd.credential")
-
-
-@dataclass(frozen=True, slots=True)
-class Changed:
-    """A credential's health changed; ``reason`` says why (never a secret)."""
-
-    before: Health
-    after: Health
-    reason: str
-    until: float
 
 
 class CredentialActor:
@@ -54,28 +53,24 @@ class CredentialActor:
         # crash right after would otherwise re-hit the key on restart.
         self._on_lasting = on_lasting
         self._clock = clock
-        self._send, self._receive = anyio.create_memory_object_stream[Changed](mailbox_size)
+        self._send, self._receive = anyio.create_memory_object_stream[CredentialEvent](mailbox_size)
 
     @property
     def mailbox_depth(self) -> int:
         """Events waiting in the mailbox, for ``routerd status``."""
         return self._send.statistics().current_buffer_used
 
-    def report(self, before: Health, reason: str = "") -> None:
-        """Tell the actor that the dispatcher just changed the state (if it did).
+    def report(self, event: CredentialEvent) -> None:
+        """Take an event the core returned for this credential, to log it.
 
         Never blocks the request path: a full mailbox sheds the event (its only loss is one
         log line; the state itself is already updated) and counts it.
         """
-        state = self.state
-        after = state.current_health(self._clock())
-        if after is before and not reason:
-            return
-        if after in (Health.PARKED, Health.DISABLED) and after is not before:
+        if isinstance(event, CredentialParked | CredentialDisabled):
             # Called from the request path, so also when the mailbox is full.
             self._on_lasting()
         try:
-            self._send.send_nowait(Changed(before, after, reason or state.reason, state.until))
+            self._send.send_nowait(event)
         except anyio.WouldBlock:
             self.dropped += 1
         except (anyio.ClosedResourceError, anyio.BrokenResourceError):
@@ -89,17 +84,21 @@ class CredentialActor:
         self._receive.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serve the mailbox until cancelled; wake when a cooldown or a park runs out."""
+        """Log the mailbox until cancelled; wake waiters when a cooldown or a park runs out.
+
+        The events' own changes woke the waiters already (the dispatcher does, once per
+        settle): logging them wakes no one.
+        """
         task_status.started()
         async with self._receive, self._send:
             while True:
                 wait = self._until_next_transition()
                 with anyio.move_on_after(wait):
-                    event = await self._receive.receive()
-                    self._log(event)
-                    self._on_change()
+                    self._log(await self._receive.receive())
                     continue
-                self._expire()
+                for event in expire(self.state, self._clock()):
+                    self._log(event)
+                self._on_change()
 
     def _until_next_transition(self) -> float:
         state = self.state
@@ -110,37 +109,24 @@ class CredentialActor:
             return state.until - now
         return math.inf
 
-    def _expire(self) -> None:
-        state = self.state
-        if state.health in (Health.COOLING, Health.PARKED):
-            before = state.health
-            state.health = Health.READY
-            state.reason = ""
-            log.info(
-                "credential_ready",
-                provider=state.provider,
-                credential=state.label,
-                fingerprint=state.fingerprint,
-                was=before.value,
-            )
-        self._on_change()
-
-    def _log(self, event: Changed) -> None:
+    def _log(self, event: CredentialEvent) -> None:
         state = self.state
         now = self._clock()
         fields = {
             "provider": state.provider,
             "credential": state.label,
             "fingerprint": state.fingerprint,
-            "reason": event.reason,
         }
-        if event.after is Health.COOLING:
-            log.info("credential_cooled", cooldown_s=round(event.until - now, 3), **fields)
-        elif event.after is Health.PARKED:
-            log.warning("credential_parked", parked_s=round(event.until - now, 1), **fields)
-        elif event.after is Health.DISABLED:
-            log.warning("credential_disabled", probe_in_s=round(event.until - now, 1), **fields)
-        elif event.before is not Health.READY:
-            log.info("credential_ready", was=event.before.value, **fields)
-        else:
-            log.info("credential_changed", **fields)
+        if isinstance(event, CredentialCooled):
+            cooldown_s = round(event.until - now, 3)
+            log.info("credential_cooled", cooldown_s=cooldown_s, reason=event.reason, **fields)
+        elif isinstance(event, CredentialParked):
+            parked_s = round(event.until - now, 1)
+            log.warning("credential_parked", parked_s=parked_s, reason=event.reason, **fields)
+        elif isinstance(event, CredentialDisabled):
+            probe_in_s = round(event.until - now, 1)
+            log.warning("credential_disabled", probe_in_s=probe_in_s, reason=event.reason, **fields)
+        elif isinstance(event, CredentialReady):
+            log.info("credential_ready", was=event.was.value, **fields)
+        elif isinstance(event, WindowLearned):
+            log.debug("credential_window", window=event.window, limit=event.limit, **fields)

@@ -1,8 +1,9 @@
 """One credential's state: health, learned rate-limit windows, cooldowns, quota and auth.
 
 Everything here is pure and synchronous: time comes in as ``now`` (monotonic seconds), so the
-cooldown logic is tested without sleeping. The actor task in ``actor.py`` owns an instance and
-does what takes time (timers, logging, persistence).
+cooldown logic is tested without sleeping. On the request path only the routing core
+(``core.py``) calls the changing methods; the actor task in ``actor.py`` does what takes time
+(timers, logging, persistence).
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ class LocalLimit:
 
 @dataclass(slots=True)
 class CredentialState:
-    """The state of one credential; the actor owns it, the plan reads it."""
+    """The state of one credential; the core changes it, the plan reads it."""
 
     provider: str
     label: str

@@ -1,11 +1,12 @@
 """The dispatcher: runs one request through its plan, attempt by attempt, until one succeeds.
 
-Each attempt leases a credential (synchronously, in the same event-loop step as the plan),
-calls the upstream adapter, and settles the outcome on the credential and the target's
-breaker. Key switches are free; re-trying targets that already failed uses the route's
-retry budget. When nothing is free the request waits in the route's fair queue
-(``queue.py``) for the earliest reset inside its deadline. Routes for provider/model names
-that no route names are made on demand and kept within bounds (``adhoc.py``).
+The routing core (``core.py``) begins each attempt (the lease, in the same event-loop step
+as the plan) and settles it; the dispatcher calls the upstream adapter in between and hands
+the events the core returns to the log, the credential's actor and the waiters. Key
+switches are free; re-trying targets that already failed uses the route's retry budget.
+When nothing is free the request waits in the route's fair queue (``queue.py``) for the
+earliest reset inside its deadline. Routes for provider/model names that no route names
+are made on demand and kept within bounds (``adhoc.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ import structlog
 from routerd_client.errors import RouterdError
 from routerd_client.protocol import Attempt
 
+from routerd import core
 from routerd.actor import CredentialActor
 from routerd.adhoc import Route as Route  # lives with the route table; re-exported
 from routerd.adhoc import RouteTable
-from routerd.credential import Health
 from routerd.outcome import Failure, FailureClass, UpstreamFailure
 from routerd.plan import Candidate, Exclusions, Plan, Target, plan
 from routerd.queue import Waiter, give_up, hopeless
@@ -115,10 +116,12 @@ class Dispatcher:
         )
         self.actors = actors
         self.providers = providers
-        self.rotations: dict[str, int] = {}
         self.in_flight = 0
         self._clock = clock
         self._rng = rng or random.Random()
+        # Every change of credential and breaker state on the request path happens here.
+        self.core = core.RoutingCore(self._rng)
+        self.rotations = self.core.rotations
         self._on_change = on_change
         self._observer = observer
         self._idle: anyio.Event | None = None
@@ -322,7 +325,7 @@ class Dispatcher:
                     if isinstance(outcome, Reply):
                         return outcome
                     last_failure = outcome
-                    self._exclude(candidate, outcome, exclusions)
+                    core.rule_out(candidate, outcome, exclusions)
                     continue
                 if exclusions.down and retries_left > 0 and _all_excluded(route, exclusions):
                     # Every target failed this request once: the retry budget pays for another
@@ -345,26 +348,6 @@ class Dispatcher:
             if waiter is not None:
                 queue.leave(waiter, assess, self._clock())
 
-    @staticmethod
-    def _exclude(candidate: Candidate, failure: Failure, exclusions: Exclusions) -> None:
-        """Rule out, for this request only, what the failure says cannot serve it.
-
-        A cooling credential needs no entry: the plan skips it until its reset anyway.
-        """
-        cls = failure.cls
-        if cls is FailureClass.TARGET_DOWN:
-            exclusions.down.add(candidate.target.name)
-        elif cls is FailureClass.CONTEXT_OVERFLOW:
-            if candidate.long or candidate.target.long_context_window is None:
-                exclusions.targets.add(candidate.target.name)
-            else:
-                # Our estimate put it inside the normal window; the provider counts more.
-                exclusions.long_only.add(candidate.target.name)
-        elif cls in (FailureClass.QUOTA_EXHAUSTED, FailureClass.AUTH_FAILED) or (
-            cls is FailureClass.RATE_LIMITED and failure.oversized
-        ):
-            exclusions.credentials.add((candidate.credential.provider, candidate.credential.label))
-
     async def _attempt(
         self,
         candidate: Candidate,
@@ -376,32 +359,12 @@ class Dispatcher:
         attempts: list[Attempt],
         leased: Callable[[], None] | None = None,
     ) -> Reply | Failure:
-        """One call with one credential; settles its outcome; a Failure means try again.
-
-        ``leased`` runs once the credential is leased, before the first await.
+        """One call with one credential, begun and settled by the core; a Failure means
+        try again. ``leased`` runs once the credential is leased, before the first await.
         """
-        target = candidate.target
-        credential = candidate.credential
-        actor = self.actors[(credential.provider, credential.label)]
+        target, label = candidate.target, candidate.credential.label
+        actor = self.actors[(candidate.credential.provider, label)]
         provider = self.providers[target.provider]
-        now = self._clock()
-        before = credential.current_health(now)
-        lease = credential.lease(now, tokens, long=candidate.long)
-        self.rotations[target.provider] = self.rotations.get(target.provider, 0) + 1
-        probe = target.breaker.dispatched(now)
-        if leased is not None:
-            leased()
-        headers = provider.headers
-        if candidate.long and target.long_context_headers:
-            headers = _merge_headers(headers, target.long_context_headers)
-        call = Call(
-            base_url=provider.base_url,
-            model=target.model,
-            key=actor.secret.key,
-            body=request,
-            timeout=provider.timeout_s,
-            headers=headers,
-        )
         delivered = False
 
         async def deliver(delta: Delta) -> None:
@@ -410,87 +373,47 @@ class Dispatcher:
             if on_delta is not None:
                 await on_delta(delta)
 
-        settled = False
+        ticket, events = self.core.begin(candidate, self._clock(), tokens, prompt)
+        # Ending before a reply or a classified failure (client gone, Cancel frame,
+        # deadline) is a cancel: either way the finally settles the attempt exactly once.
+        result: Completion | Failure | None = None
         try:
+            if events:
+                self._on_events(actor, events)
+            if leased is not None:
+                leased()
+            call = _call(provider, candidate, actor.secret.key, request)
             try:
                 if stream:
-                    completion = await self._stream(provider.adapter, call, deliver)
+                    result = await self._stream(provider.adapter, call, deliver)
                 else:
-                    completion = await provider.adapter.complete(call)
+                    result = await provider.adapter.complete(call)
             except UpstreamFailure as exc:
-                failure = exc.failure
-                done = self._clock()
-                latency_ms = (done - now) * 1000
-                credential.failed(failure, done, self._rng, lease)
-                if failure.cls is FailureClass.TARGET_DOWN:
-                    breaker_before = target.breaker.failed(done, probe)
-                    if breaker_before is not target.breaker.state:
-                        _log_breaker(target, breaker_before.value, failure.message)
-                else:
-                    target.breaker.released(probe)
-                settled = True
-                actor.report(before)
-                self._on_change()
-                attempts.append(
-                    Attempt(
-                        target=target.name,
-                        credential=credential.label,
-                        outcome=failure.cls.value,
-                        status=failure.status,
-                        latency_ms=round(latency_ms, 2),
-                        message=failure.message,
-                    )
-                )
-                if delivered or failure.cls is FailureClass.BAD_REQUEST:
-                    # A stream that already reached the client cannot move elsewhere, and a
-                    # bad request would fail the same way anywhere.
-                    raise routerd_error(
-                        failure.cls.value,
-                        failure.message
-                        if not delivered
-                        else f"stream failed after it began: {failure.message}",
-                        attempts,
-                        failure.retry_after,
-                        failure.details or None,
-                    ) from None
-                return failure
-            done = self._clock()
-            latency_ms = (done - now) * 1000
-            credential.succeeded(done, latency_ms, completion.limits, lease)
-            target.learn_tokens(prompt, completion.usage.get("prompt_tokens", 0))
-            breaker_before = target.breaker.succeeded(latency_ms, probe)
-            if breaker_before is not target.breaker.state:
-                _log_breaker(target, breaker_before.value, "")
-            settled = True
-            if before is not Health.READY:
-                actor.report(before)
-            self._on_change()
-            attempts.append(
-                Attempt(
-                    target=target.name,
-                    credential=credential.label,
-                    outcome="ok",
-                    status=200,
-                    latency_ms=round(latency_ms, 2),
-                )
-            )
-            return Reply(
-                text=completion.text,
-                model=completion.model or target.model,
-                provider=target.provider,
-                credential=credential.label,
-                target=target.name,
-                usage=completion.usage,
-                attempts=attempts,
-                finish_reason=completion.finish_reason,
-                tool_calls=completion.tool_calls,
-            )
+                result = exc.failure
         finally:
-            if not settled:
-                # Cancelled (client gone, Cancel frame, deadline): no verdict on key or target.
-                credential.release(lease)
-                target.breaker.released(probe)
-                self._on_change()
+            done = self._clock()
+            latency_ms = (done - ticket.started) * 1000
+            outcome = _outcome(result, latency_ms)
+            self._on_events(actor, self.core.settle(ticket, outcome, done))
+        return _finish(candidate, result, round(latency_ms, 2), delivered, attempts)
+
+    def _on_events(self, actor: CredentialActor, events: list[core.Event]) -> None:
+        """Hand what the core did to the credential's actor and the log, then wake waiters
+        (once: the actor's log of the same events wakes no one).
+        """
+        for event in events:
+            if isinstance(event, core.BreakerOpened | core.BreakerSuspect):
+                name = "opened" if isinstance(event, core.BreakerOpened) else "suspect"
+                log.info(
+                    f"breaker_{name}", target=event.target, was=event.was.value, reason=event.reason
+                )
+            elif isinstance(event, core.BreakerClosed):
+                log.info("breaker_closed", target=event.target, was=event.was.value, reason="")
+            elif isinstance(event, core.BreakerHalfOpen):
+                log.debug("breaker_half_open", target=event.target)
+            else:
+                actor.report(event)
+        self._on_change()
 
     async def _stream(self, adapter: Adapter, call: Call, deliver: OnDelta) -> Completion:
         parts: list[str] = []
@@ -521,13 +444,62 @@ def _merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str
     return merged
 
 
+def _call(provider: ProviderRuntime, candidate: Candidate, key: str, body: dict[str, Any]) -> Call:
+    headers = provider.headers
+    if candidate.long and candidate.target.long_context_headers:
+        headers = _merge_headers(headers, candidate.target.long_context_headers)
+    return Call(
+        base_url=provider.base_url,
+        model=candidate.target.model,
+        key=key,
+        body=body,
+        timeout=provider.timeout_s,
+        headers=headers,
+    )
+
+
+def _outcome(result: Completion | Failure | None, latency_ms: float) -> core.Outcome:
+    """What the core settles for an attempt that ended with ``result`` (None: cancelled)."""
+    if result is None:
+        return core.CANCELLED
+    if isinstance(result, Failure):
+        return result
+    return core.Success(latency_ms, result.limits, result.usage.get("prompt_tokens", 0))
+
+
+def _finish(
+    candidate: Candidate,
+    result: Completion | Failure,
+    latency_ms: float,
+    delivered: bool,
+    attempts: list[Attempt],
+) -> Reply | Failure:
+    """Record a settled attempt; the reply, or the failure when another attempt may follow."""
+    target, label = candidate.target, candidate.credential.label
+    if isinstance(result, Failure):
+        kind, message = result.cls.value, result.message
+        attempts.append(Attempt(target.name, label, kind, result.status, latency_ms, message))
+        if delivered or result.cls is FailureClass.BAD_REQUEST:
+            # A stream that already reached the client cannot move elsewhere, and a bad
+            # request would fail the same way anywhere.
+            if delivered:
+                message = f"stream failed after it began: {message}"
+            details = result.details or None
+            raise routerd_error(kind, message, attempts, result.retry_after, details) from None
+        return result
+    attempts.append(Attempt(target.name, label, "ok", 200, latency_ms))
+    return Reply(
+        text=result.text,
+        model=result.model or target.model,
+        provider=target.provider,
+        credential=label,
+        target=target.name,
+        usage=result.usage,
+        attempts=attempts,
+        finish_reason=result.finish_reason,
+        tool_calls=result.tool_calls,
+    )
+
+
 def _all_excluded(route: Route, exclusions: Exclusions) -> bool:
     return all(exclusions.excludes(target.name) for target in route.chain)
-
-
-def _log_breaker(target: Target, before: str, reason: str) -> None:
-    after = target.breaker.state.value
-    event = "breaker_opened" if after == "open" else f"breaker_{after}"
-    if after == "closed":
-        event = "breaker_closed"
-    log.info(event, target=target.name, was=before, reason=reason)
