@@ -42,6 +42,8 @@ class Breaker:
     opens: int = 0
     consecutive_failures: int = 0
     probes_in_flight: int = 0
+    # Every call out to the target now, probe or not.
+    in_flight: int = 0
     proven: bool = False
     probation_until: float = 0.0
     successes: int = 0
@@ -61,6 +63,10 @@ class Breaker:
             return self.proven or not self.probes_in_flight or now >= self.probation_until
         if position is BreakerState.OPEN:
             return False
+        if position is BreakerState.SUSPECT:
+            # Calls that went out before the failure came back are probing the target
+            # already: one more would not be "one call at a time".
+            return self.in_flight == 0
         return self.probes_in_flight == 0
 
     def free_at(self, now: float) -> float | None:
@@ -77,6 +83,7 @@ class Breaker:
     def dispatched(self, now: float) -> bool:
         """A call is going out; returns whether it is a probe (any state but closed)."""
         position = self.position(now)
+        self.in_flight += 1
         if position is BreakerState.HALF_OPEN:
             self.state = BreakerState.HALF_OPEN
         if position is BreakerState.CLOSED:
@@ -87,6 +94,7 @@ class Breaker:
         return True
 
     def _end_probe(self, probe: bool) -> None:
+        self.in_flight = max(0, self.in_flight - 1)
         if probe:
             self.probes_in_flight = max(0, self.probes_in_flight - 1)
 

@@ -130,6 +130,23 @@ def test_a_suspect_probe_failing_after_the_breaker_opened_does_not_extend_it() -
     assert breaker.admits(opened_until)
 
 
+def test_a_suspect_target_takes_no_new_call_while_earlier_calls_are_still_out() -> None:
+    # The calls already out probe the target: a fifth call sent when the first of four
+    # failed would be one more request lost to an outage (a warm daemon's outage test saw it).
+    clock = Clock()
+    breaker = warm_breaker()
+    calls = open_with_calls_in_flight(breaker, clock, 4)
+    breaker.failed(clock(), calls[0])
+    assert breaker.position(clock()) is BreakerState.SUSPECT
+    assert not breaker.admits(clock())
+    breaker.succeeded(10.0, calls[1])
+    breaker.failed(clock(), calls[2])
+    assert not breaker.admits(clock())
+    breaker.released(calls[3])
+    assert breaker.position(clock()) is BreakerState.SUSPECT
+    assert breaker.admits(clock()) and breaker.free_at(clock()) == clock()
+
+
 def test_each_failed_half_open_probe_doubles_the_open_time_up_to_the_cap() -> None:
     clock = Clock()
     breaker = Breaker("p/m", failure_threshold=1, open_s=OPEN_S, max_open_s=30.0, proven=True)
