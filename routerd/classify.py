@@ -1,4 +1,4 @@
-"""Turn any provider's error response into one classified, key-free Failure (DESIGN.md table).
+"""Turn any provider's error response into one classified, key-free Failure (README's table).
 
 The rules, in the order they are tried:
 

@@ -329,7 +329,7 @@ class CredentialState:
     def failed(
         self, failure: Failure, now: float, rng: random.Random, lease: Lease | None = None
     ) -> None:
-        """Apply the router action of DESIGN.md's failure table to this credential."""
+        """Apply the router action of README.md's failure-class table to this credential."""
         self.learn(failure.limits, now, lease)
         self.release(lease)
         cls = failure.cls

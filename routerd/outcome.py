@@ -8,7 +8,7 @@ from typing import Any
 
 
 class FailureClass(enum.StrEnum):
-    """The failure classes of DESIGN.md; each has exactly one router action."""
+    """The failure classes of README.md's table; each has exactly one router action."""
 
     RATE_LIMITED = "rate_limited"
     LONG_CONTEXT_LIMITED = "long_context_limited"
