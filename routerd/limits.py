@@ -23,7 +23,6 @@ __all__ = [
     "parse_go_duration",
     "parse_rfc3339",
     "retry_after",
-    "should_retry",
     "window_reset",
 ]
 
@@ -128,19 +127,6 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - now)
-
-
-def should_retry(headers: Mapping[str, str]) -> bool | None:
-    """The provider's explicit ``x-should-retry`` verdict, or None when it gave none."""
-    value = headers.get("x-should-retry")
-    if value is None:
-        return None
-    value = value.strip().lower()
-    if value == "true":
-        return True
-    if value == "false":
-        return False
-    return None
 
 
 def _window(limit: str | None, remaining: str | None, reset_s: float | None) -> Window | None:

@@ -2,7 +2,6 @@
 
 A key leaves this module only inside a Secret, whose repr and str show a fingerprint in
 its place; no problem message, exception or log line built here ever contains a key.
-check_config and summarize live in routerd.config and are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ from routerd.config import (
     CredentialConfig,
     ProblemList,
     ProviderConfig,
-    check_config,
     env_name_problem,
     looks_like_key,
-    summarize,
 )
 from routerd.tomlpos import KeyPath
 
-__all__ = ["Secret", "check_config", "fingerprint", "resolve_secrets", "summarize"]
+__all__ = ["Secret", "fingerprint", "resolve_secrets"]
 
 # Far above any real API key; a bigger file is the wrong file, and is not read whole.
 _MAX_KEY_BYTES = 64 * 1024

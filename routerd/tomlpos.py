@@ -149,11 +149,6 @@ class TomlPositions:
             key = key[:-1]
         return None
 
-    def exact_line(self, path: Sequence[str | int]) -> int | None:
-        """The line where ``path`` itself is written, or None."""
-        key = tuple(path)
-        return self._explicit.get(key, self._implicit.get(key))
-
     def _mark(self, path: KeyPath, line: int) -> None:
         self._explicit.setdefault(path, line)
         for cut in range(1, len(path)):

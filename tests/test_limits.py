@@ -14,7 +14,6 @@ from routerd.limits import (
     parse_go_duration,
     parse_rfc3339,
     retry_after,
-    should_retry,
     window_reset,
 )
 from routerd.outcome import Window
@@ -82,17 +81,6 @@ def test_retry_after_junk_ms_falls_back_to_seconds_and_junk_is_none() -> None:
 def test_retry_after_reads_httpx_headers_case_insensitively() -> None:
     headers = httpx.Headers({"Retry-After-Ms": "250", "Retry-After": "9"})
     assert retry_after(headers, NOW) == pytest.approx(0.25)
-
-
-@pytest.mark.parametrize(
-    ("value", "verdict"), [("true", True), ("false", False), ("TRUE", True), ("maybe", None)]
-)
-def test_should_retry(value: str, verdict: bool | None) -> None:
-    assert should_retry({"x-should-retry": value}) is verdict
-
-
-def test_should_retry_absent() -> None:
-    assert should_retry({}) is None
 
 
 def test_openai_limits_read_both_windows() -> None:
