@@ -335,6 +335,17 @@ class Client:
                 )
             return conn
 
+    def _request(self, rid: int, frame: bytes) -> Answer:
+        """Send one request's frame and wait for its single reply (raised if an Error)."""
+        conn = self._connection()
+        replies = conn.register(rid)
+        conn.send(rid, frame)
+        try:
+            return conn.wait(replies, self.timeout)
+        except BaseException:
+            conn.cancel(rid)
+            raise
+
     def chat(
         self,
         route: str,
@@ -354,14 +365,7 @@ class Client:
         frame = encode_request(
             chat_message(rid, route, messages, deadline, priority, params, False)
         )
-        conn = self._connection()
-        replies = conn.register(rid)
-        conn.send(rid, frame)
-        try:
-            message = conn.wait(replies, self.timeout)
-        except BaseException:
-            conn.cancel(rid)
-            raise
+        message = self._request(rid, frame)
         if isinstance(message, Result):
             return message
         raise unexpected(message, "result")
@@ -385,14 +389,7 @@ class Client:
     def status(self) -> StatusReport:
         """The daemon's pool health: the same data as ``routerd status --json``."""
         rid = next(self._ids)
-        conn = self._connection()
-        replies = conn.register(rid)
-        conn.send(rid, encode_frame(Status(id=rid)))
-        try:
-            message = conn.wait(replies, self.timeout)
-        except BaseException:
-            conn.cancel(rid)
-            raise
+        message = self._request(rid, encode_frame(Status(id=rid)))
         if isinstance(message, StatusReport):
             return message
         raise unexpected(message, "status_report")
@@ -404,14 +401,7 @@ class Client:
         when this user is not the daemon's own or root.
         """
         rid = next(self._ids)
-        conn = self._connection()
-        replies = conn.register(rid)
-        conn.send(rid, encode_frame(Reload(id=rid)))
-        try:
-            message = conn.wait(replies, self.timeout)
-        except BaseException:
-            conn.cancel(rid)
-            raise
+        message = self._request(rid, encode_frame(Reload(id=rid)))
         if isinstance(message, Reloaded):
             return message.summary
         raise unexpected(message, "reloaded")
