@@ -105,6 +105,7 @@ class Daemon:
         self.buffer_budget = BufferBudget(config.server.buffer_budget)
         # Each listener's connection cap and the upstream pool share the descriptor limit.
         server = config.server
+        # http_listen counts twice: "localhost" binds an IPv4 and an IPv6 socket.
         listeners = 1 + (server.http_socket is not None) + 2 * (server.http_listen is not None)
         self.max_connections, upstream = shares(
             soft_limit(), listeners=listeners, configured=server.max_connections
