@@ -47,7 +47,7 @@ from typing import Any
 
 from routerd_client import AsyncClient
 
-from routerd.config import BreakerConfig, ProviderConfig, RouteConfig
+from routerd.config.schema import BreakerConfig, ProviderConfig, RouteConfig
 from routerd.launch import DaemonProcess
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
 

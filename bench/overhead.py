@@ -21,11 +21,12 @@ from pathlib import Path
 import anyio
 
 from routerd import log
-from routerd.config import parse_config
+from routerd.config.load import parse_config
+from routerd.config.secrets import resolve_secrets
+from routerd.core.calls import Call, Completion
+from routerd.core.outcome import RateLimitReport, Window
 from routerd.daemon import Daemon
-from routerd.outcome import RateLimitReport, Window
-from routerd.secrets import resolve_secrets
-from routerd.upstream.base import Call, Completion, Stream
+from routerd.upstream.base import Stream
 
 CLIENT = """
 import statistics, sys, time

@@ -11,13 +11,16 @@ from collections.abc import Mapping
 
 import httpx
 
-from routerd.breaker import Breaker
-from routerd.config import Config, split_target
-from routerd.credential import CredentialState, LocalLimit
-from routerd.dispatch import ProviderRuntime
-from routerd.plan import Target
-from routerd.secrets import Secret
-from routerd.upstream import adapter_for
+from routerd.config.schema import Config, ServerConfig, split_target
+from routerd.config.secrets import Secret
+from routerd.core.breaker import Breaker
+from routerd.core.credential import CredentialState, LocalLimit
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.attempt import ProviderRuntime
+from routerd.dispatch.routes import Route
+from routerd.fdlimit import shares, soft_limit
+from routerd.upstream.registry import adapter_for
 
 # Well-known context windows, used where the config names none.
 KNOWN_WINDOWS: dict[str, int] = {
@@ -101,3 +104,66 @@ def provider_runtimes(config: Config, http: httpx.AsyncClient) -> dict[str, Prov
         )
         for name, p in config.providers.items()
     }
+
+
+def pools_of(actors: Mapping[tuple[str, str], CredentialActor]) -> dict[str, list[CredentialState]]:
+    """Each provider's credential states, in the actors' order: the pool its targets share."""
+    pools: dict[str, list[CredentialState]] = {}
+    for (provider, _), actor in actors.items():
+        pools.setdefault(provider, []).append(actor.state)
+    return pools
+
+
+def build_chain(
+    route_name: str,
+    config: Config,
+    targets: dict[str, Target],
+    pools: Mapping[str, list[CredentialState]],
+) -> list[Target]:
+    """A configured route's targets, built once (into ``targets``) and shared by every chain
+    naming them."""
+    chain: list[Target] = []
+    for name in config.routes[route_name].chain:
+        target = targets.get(name) or build_target(name, config, pools)
+        if target is None:  # load_config rejects this; a Config built in code may not
+            raise ValueError(f"route {route_name!r}: no provider for target {name!r}")
+        targets[name] = target
+        chain.append(target)
+    return chain
+
+
+def build_routes(
+    config: Config, targets: dict[str, Target], pools: Mapping[str, list[CredentialState]]
+) -> dict[str, Route]:
+    """Every configured route, its targets built into ``targets``."""
+    return {
+        name: Route(
+            name, build_chain(name, config, targets, pools), route.deadline_s, route.retries
+        )
+        for name, route in config.routes.items()
+    }
+
+
+def connection_caps(server: ServerConfig) -> tuple[int, int]:
+    """How many connections each listener may hold, and the upstream pool: they share the
+    descriptor limit."""
+    # http_listen counts twice: "localhost" binds an IPv4 and an IPv6 socket.
+    listeners = 1 + (server.http_socket is not None) + 2 * (server.http_listen is not None)
+    return shares(soft_limit(), listeners=listeners, configured=server.max_connections)
+
+
+def upstream_client(max_connections: int) -> httpx.AsyncClient:
+    """The one HTTP client every upstream call goes through, capped at ``max_connections``."""
+    return httpx.AsyncClient(
+        timeout=None,
+        limits=httpx.Limits(
+            max_connections=max_connections,
+            max_keepalive_connections=min(200, max_connections),
+        ),
+        follow_redirects=False,
+    )
+
+
+def default_deadline(config: Config) -> float:
+    """The deadline of a request on an ad-hoc target: the longest any route allows."""
+    return max((r.deadline_s for r in config.routes.values()), default=120.0)

@@ -15,7 +15,8 @@ def _socket_from(args: argparse.Namespace) -> str | None:
     if args.socket:
         return str(args.socket)
     if args.config:
-        from routerd.config import ConfigError, load_config
+        from routerd.config.load import load_config
+        from routerd.config.problems import ConfigError
 
         try:
             config = load_config(args.config)
@@ -32,10 +33,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import anyio
 
     from routerd import log
-    from routerd.config import ConfigError, load_config
+    from routerd.config.load import load_config
+    from routerd.config.problems import ConfigError
+    from routerd.config.secrets import resolve_secrets
     from routerd.daemon import Daemon
     from routerd.fdlimit import raise_soft_limit
-    from routerd.secrets import resolve_secrets
 
     path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
     try:
@@ -109,8 +111,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config; each problem names the key and the line."""
-    from routerd.config import check_config, load_config, summarize
-    from routerd.secrets import resolve_secrets
+    from routerd.config.load import check_config, load_config, summarize
+    from routerd.config.secrets import resolve_secrets
 
     path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
     problems = check_config(path)

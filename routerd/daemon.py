@@ -20,42 +20,40 @@ from collections.abc import Callable
 from pathlib import Path
 
 import anyio
-import httpx
 import structlog
 from anyio.abc import SocketListener, SocketStream, TaskGroup, TaskStatus
+from routerd_client.paths import default_socket_path
 from routerd_client.protocol import Error, Reloaded, StatusReport
 
 from routerd import __version__, sdnotify
 from routerd import state as state_file
-from routerd.actor import CredentialActor
-from routerd.budget import BufferBudget
-from routerd.build import build_target, credential_state, provider_runtimes
-from routerd.config import Config, ConfigError, ConfigProblem, load_config, read_config_text
-from routerd.credential import CredentialState
-from routerd.dispatch import Dispatcher, Route
-from routerd.fdlimit import shares, soft_limit
-from routerd.front import HttpFront, Metrics
-from routerd.peers import PeerPolicy
-from routerd.plan import Target
-from routerd.reload import ReloadSummary, plan_credentials, restart_needed, retarget
-from routerd.secrets import Secret, resolve_secrets
-from routerd.server import Connection, serve_clients
+from routerd.build import (
+    build_routes,
+    build_target,
+    connection_caps,
+    credential_state,
+    default_deadline,
+    pools_of,
+    provider_runtimes,
+    upstream_client,
+)
+from routerd.config.load import load_config, read_config_text
+from routerd.config.problems import ConfigError, ConfigProblem
+from routerd.config.schema import Config
+from routerd.config.secrets import Secret, resolve_secrets
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fronts.budget import BufferBudget
+from routerd.fronts.http import HttpFront, Metrics
+from routerd.fronts.msgpack.server import Connection, serve_clients
+from routerd.fronts.peers import PeerPolicy
+from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
 from routerd.status import build_report
 
 log = structlog.get_logger("routerd.daemon")
 
 VERSION = __version__
-
-
-def default_socket_path() -> Path:
-    """Where the daemon listens when the config names no socket."""
-    if env := os.environ.get("ROUTERD_SOCKET"):
-        return Path(env)
-    if runtime := os.environ.get("RUNTIME_DIRECTORY"):
-        return Path(runtime.split(":")[0]) / "routerd.sock"
-    if xdg := os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(xdg) / "routerd" / "routerd.sock"
-    return Path(f"/tmp/routerd-{os.getuid()}") / "routerd.sock"
 
 
 def default_state_path() -> Path:
@@ -83,9 +81,7 @@ class Daemon:
         # Where SIGHUP and `routerd reload` read the config again; None: reload is refused.
         self.config_path = config_path
         self.clock = clock
-        self.socket_path = socket_path or (
-            Path(config.server.socket) if config.server.socket else default_socket_path()
-        )
+        self.socket_path = socket_path or (Path(config.server.socket or default_socket_path()))
         self.state_path = state_path or (
             Path(config.server.state_file) if config.server.state_file else default_state_path()
         )
@@ -103,36 +99,18 @@ class Daemon:
         self.peers = PeerPolicy(config.server.allowed_users, config.server.allowed_groups)
         # Bytes all incomplete frames and request bodies may hold, shared by both fronts.
         self.buffer_budget = BufferBudget(config.server.buffer_budget)
-        # Each listener's connection cap and the upstream pool share the descriptor limit.
-        server = config.server
-        # http_listen counts twice: "localhost" binds an IPv4 and an IPv6 socket.
-        listeners = 1 + (server.http_socket is not None) + 2 * (server.http_listen is not None)
-        self.max_connections, upstream = shares(
-            soft_limit(), listeners=listeners, configured=server.max_connections
-        )
-        # The HTTP front (routerd.front): bound in run(), served beside the msgpack listener.
+        self.max_connections, upstream = connection_caps(config.server)
+        # The HTTP front (routerd.fronts.http): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
-        self.http = httpx.AsyncClient(
-            timeout=None,
-            limits=httpx.Limits(
-                max_connections=upstream, max_keepalive_connections=min(200, upstream)
-            ),
-            follow_redirects=False,
-        )
+        self.http = upstream_client(upstream)
         self.actors = {
             (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
         }
-        self._pools: dict[str, list[CredentialState]] = {}
-        for (provider, _), actor in self.actors.items():
-            self._pools.setdefault(provider, []).append(actor.state)
+        self._pools = pools_of(self.actors)
         self._targets: dict[str, Target] = {}
-        routes = {
-            name: Route(name, self._chain(name, config), route.deadline_s, route.retries)
-            for name, route in config.routes.items()
-        }
         self.dispatcher = Dispatcher(
-            routes,
+            build_routes(config, self._targets, self._pools),
             self._targets,
             self.actors,
             provider_runtimes(config, self.http),
@@ -140,7 +118,7 @@ class Daemon:
             clock=clock,
             rng=random.Random(),
             on_change=self._changed,
-            default_deadline_s=_default_deadline(config),
+            default_deadline_s=default_deadline(config),
             observer=self.metrics.observe,
             max_adhoc_targets=config.server.max_adhoc_targets,
             adhoc_idle_s=config.server.adhoc_idle_s,
@@ -156,17 +134,6 @@ class Daemon:
             clock=self.clock,
             on_lasting=self._lasting_change,
         )
-
-    def _chain(self, route_name: str, config: Config) -> list[Target]:
-        """A configured route's targets, built once and shared by every chain naming them."""
-        chain: list[Target] = []
-        for name in config.routes[route_name].chain:
-            target = self._targets.get(name) or build_target(name, config, self._pools)
-            if target is None:  # load_config rejects this; a Config built in code may not
-                raise ValueError(f"route {route_name!r}: no provider for target {name!r}")
-            self._targets[name] = target
-            chain.append(target)
-        return chain
 
     # ---- reload -----------------------------------------------------------------------
 
@@ -226,17 +193,12 @@ class Daemon:
         self.peers.replace(peers)
         self.actors.clear()
         self.actors.update(credentials.actors)
-        pools: dict[str, list[CredentialState]] = {}
-        for (provider, _), actor in self.actors.items():
-            pools.setdefault(provider, []).append(actor.state)
-        for provider in {*self._pools, *pools}:
-            # In place: targets (ad-hoc ones included) hold these very lists.
-            self._pools.setdefault(provider, [])[:] = pools.get(provider, [])
+        repool(self._pools, self.actors)
         self.dispatcher.providers.clear()
         self.dispatcher.providers.update(provider_runtimes(config, self.http))
-        self._reroute(old, config)
+        reroute(self.dispatcher.routes, self._targets, self._pools, old, config)
         self.dispatcher.configure(
-            default_deadline_s=_default_deadline(config),
+            default_deadline_s=default_deadline(config),
             max_adhoc_targets=config.server.max_adhoc_targets,
             adhoc_idle_s=config.server.adhoc_idle_s,
             configured={t for route in config.routes.values() for t in route.chain},
@@ -250,31 +212,6 @@ class Daemon:
             routes=len(config.routes),
             restart_needed=restart_needed(old.server, config.server),
         )
-
-    def _reroute(self, old: Config, config: Config) -> None:
-        """Targets take the new settings (keeping breakers); routes take the new chains."""
-        routes = self.dispatcher.routes
-        for name, target in list(self._targets.items()):
-            fresh = build_target(name, config, self._pools)
-            if fresh is not None:
-                retarget(target, fresh)
-        named = {t for route in config.routes.values() for t in route.chain}
-        for name in old.routes:
-            if name not in config.routes:
-                # Requests already on it finish with its old chain; new ones get unknown_route.
-                routes.pop(name, None)
-        for name, route_config in config.routes.items():
-            chain = self._chain(name, config)
-            route = routes.get(name)
-            if route is None:
-                routes[name] = Route(name, chain, route_config.deadline_s, route_config.retries)
-            else:
-                route.chain[:] = chain
-                route.deadline_s = route_config.deadline_s
-                route.retries = route_config.retries
-        for name in [n for n in self._targets if n not in named and n not in routes]:
-            # A target only the old config named: its breaker leaves status and the state file.
-            del self._targets[name]
 
     # ---- state ------------------------------------------------------------------------
 
@@ -485,8 +422,3 @@ async def _run_actor(
     """Run one actor inside its own cancel scope, so a reload can stop it alone."""
     with scope:
         await actor.run(task_status=task_status)
-
-
-def _default_deadline(config: Config) -> float:
-    """The deadline of a request on an ad-hoc target: the longest any route allows."""
-    return max((r.deadline_s for r in config.routes.values()), default=120.0)

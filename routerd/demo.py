@@ -120,24 +120,7 @@ def _run_demo(requests: int, clients: int, keep: bool) -> int:
         try:
             _print(f"routerd demo: {clients} client processes x {requests} requests ...")
             started = time.monotonic()
-            procs += [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "routerd.demo",
-                        "--socket",
-                        str(socket_path),
-                        "--requests",
-                        str(requests),
-                        "--name",
-                        f"agent-{n + 1}",
-                    ],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                )
-                for n in range(clients)
-            ]
+            procs += _start_clients(socket_path, requests, clients)
             failed = 0
             for proc in procs:
                 out, _ = proc.communicate(timeout=300)
@@ -145,12 +128,7 @@ def _run_demo(requests: int, clients: int, keep: bool) -> int:
                 failed += proc.returncode != 0
             _print(f"routerd demo: all clients done in {time.monotonic() - started:.1f} s")
             _print()
-            _print("upstream calls the mock provider saw, per key (HTTP status: count):")
-            for label, models in sorted(mock.stats()["calls"].items()):
-                merged: collections.Counter[str] = collections.Counter()
-                for statuses in models.values():
-                    merged.update(statuses)
-                _print(f"  {label:8} " + "  ".join(f"{s}: {n}" for s, n in sorted(merged.items())))
+            _show_upstream_calls(mock.stats()["calls"])
             _print()
             _show_http_front(http_socket)
             _print()
@@ -172,6 +150,38 @@ def _run_demo(requests: int, clients: int, keep: bool) -> int:
             daemon.close()
             shutil.rmtree(workdir, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _start_clients(socket_path: Path, requests: int, clients: int) -> list[subprocess.Popen[str]]:
+    """Start ``clients`` demo client processes, each sending ``requests`` through the socket."""
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "routerd.demo",
+                "--socket",
+                str(socket_path),
+                "--requests",
+                str(requests),
+                "--name",
+                f"agent-{n + 1}",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(clients)
+    ]
+
+
+def _show_upstream_calls(calls: dict[str, dict[str, dict[str, int]]]) -> None:
+    """Print the mock provider's call counts per key, summed over the models."""
+    _print("upstream calls the mock provider saw, per key (HTTP status: count):")
+    for label, models in sorted(calls.items()):
+        merged: collections.Counter[str] = collections.Counter()
+        for statuses in models.values():
+            merged.update(statuses)
+        _print(f"  {label:8} " + "  ".join(f"{s}: {n}" for s, n in sorted(merged.items())))
 
 
 def _show_http_front(http_socket: Path) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from routerd.actor import CredentialActor
-from routerd.config import Config, ServerConfig
-from routerd.credential import LocalLimit
-from routerd.plan import Target
-from routerd.secrets import Secret
+from routerd.build import build_chain, build_target, pools_of
+from routerd.config.schema import Config, ServerConfig
+from routerd.config.secrets import Secret
+from routerd.core.credential import CredentialState, LocalLimit
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.routes import Route
 
 Key = tuple[str, str]
 
@@ -110,6 +112,45 @@ def retarget(target: Target, fresh: Target) -> None:
     breaker.failure_threshold = new.failure_threshold
     breaker.open_s = new.open_s
     breaker.max_open_s = new.max_open_s
+
+
+def repool(pools: dict[str, list[CredentialState]], actors: Mapping[Key, CredentialActor]) -> None:
+    """Give each provider's pool the new actors' states, in place: targets (ad-hoc ones
+    included) hold these very lists."""
+    fresh = pools_of(actors)
+    for provider in {*pools, *fresh}:
+        pools.setdefault(provider, [])[:] = fresh.get(provider, [])
+
+
+def reroute(
+    routes: dict[str, Route],
+    targets: dict[str, Target],
+    pools: Mapping[str, list[CredentialState]],
+    old: Config,
+    config: Config,
+) -> None:
+    """Targets take the new settings (keeping breakers); routes take the new chains."""
+    for name, target in list(targets.items()):
+        fresh = build_target(name, config, pools)
+        if fresh is not None:
+            retarget(target, fresh)
+    named = {t for route in config.routes.values() for t in route.chain}
+    for name in old.routes:
+        if name not in config.routes:
+            # Requests already on it finish with its old chain; new ones get unknown_route.
+            routes.pop(name, None)
+    for name, route_config in config.routes.items():
+        chain = build_chain(name, config, targets, pools)
+        route = routes.get(name)
+        if route is None:
+            routes[name] = Route(name, chain, route_config.deadline_s, route_config.retries)
+        else:
+            route.chain[:] = chain
+            route.deadline_s = route_config.deadline_s
+            route.retries = route_config.retries
+    for name in [n for n in targets if n not in named and n not in routes]:
+        # A target only the old config named: its breaker leaves status and the state file.
+        del targets[name]
 
 
 def restart_needed(old: ServerConfig, new: ServerConfig) -> list[str]:

@@ -22,8 +22,8 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import structlog
 
-from routerd.breaker import Breaker, BreakerState
-from routerd.credential import CredentialState, Health, LearnedWindow
+from routerd.core.breaker import Breaker, BreakerState
+from routerd.core.credential import CredentialState, Health, LearnedWindow
 
 log = structlog.get_logger("routerd.state")
 

@@ -12,8 +12,8 @@ from routerd_client.protocol import (
     TargetStatus,
 )
 
-from routerd.actor import CredentialActor
-from routerd.dispatch import Dispatcher
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.dispatcher import Dispatcher
 
 
 def _left(until: float, now: float) -> float | None:
@@ -141,7 +141,18 @@ def render(report: StatusReport) -> str:
         ),
     )
     lines.append("")
+    lines += _credential_table(report.credentials)
+    lines.append("")
     lines += _table(
+        ["ROUTE", "WAITING", "CHAIN"],
+        ([r.name, str(r.waiting), " > ".join(r.chain)] for r in report.routes),
+    )
+    return "\n".join(lines)
+
+
+def _credential_table(credentials: Iterable[CredentialStatus]) -> list[str]:
+    """One row per credential: its state, what its provider reports left, and its record."""
+    return _table(
         [
             "CREDENTIAL",
             "FINGERPRINT",
@@ -171,15 +182,9 @@ def render(report: StatusReport) -> str:
                 _fmt(c.latency_ms, "ms"),
                 c.reason or "",
             ]
-            for c in report.credentials
+            for c in credentials
         ),
     )
-    lines.append("")
-    lines += _table(
-        ["ROUTE", "WAITING", "CHAIN"],
-        ([r.name, str(r.waiting), " > ".join(r.chain)] for r in report.routes),
-    )
-    return "\n".join(lines)
 
 
 def _long_lane(credential: CredentialStatus) -> str:

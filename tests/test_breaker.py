@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from routerd.breaker import Breaker, BreakerState
+from routerd.core.breaker import Breaker, BreakerState
 
 OPEN_S = 5.0
 MAX_OPEN_S = 120.0

@@ -9,8 +9,9 @@ import httpx
 import msgspec
 import pytest
 
-from routerd.classify import MESSAGE_LIMIT, classify, scrub, transport_failure
-from routerd.outcome import Failure, FailureClass, UpstreamFailure
+from routerd.core.classify import classify, scrub, transport_failure
+from routerd.core.errorbody import MESSAGE_LIMIT
+from routerd.core.outcome import Failure, FailureClass, UpstreamFailure
 
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC).timestamp()
 KEY = "sk-proj-Q2x7LmN4pR8sT1vW3yZ5aB6cD9eF0gH2jK4lM7nP1qR3sT5uV8wX0yZ2"

@@ -639,11 +639,15 @@ def test_default_socket_path_precedence(monkeypatch: pytest.MonkeyPatch, short_d
     monkeypatch.setattr(paths_module, "SYSTEM_SOCKET", str(system))
     monkeypatch.delenv("ROUTERD_SOCKET", raising=False)
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.delenv("RUNTIME_DIRECTORY", raising=False)
     assert default_socket_path() == f"/tmp/routerd-{os.getuid()}/routerd.sock"
     monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/1234")
     assert default_socket_path() == "/run/user/1234/routerd/routerd.sock"
     system.touch()
     assert default_socket_path() == str(system)
+    # The daemon under systemd: its RuntimeDirectory, which clients share as the system socket.
+    monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/routerd")
+    assert default_socket_path() == "/run/routerd/routerd.sock"
     monkeypatch.setenv("ROUTERD_SOCKET", "/somewhere/else.sock")
     assert default_socket_path() == "/somewhere/else.sock"
     assert Client().path == "/somewhere/else.sock"

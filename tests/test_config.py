@@ -7,15 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from routerd.config import (
-    Config,
-    ConfigError,
-    ConfigProblem,
-    check_config,
-    load_config,
-    parse_config,
-    split_target,
-)
+from routerd.config.load import check_config, load_config, parse_config
+from routerd.config.problems import ConfigError, ConfigProblem
+from routerd.config.schema import Config, split_target
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

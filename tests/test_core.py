@@ -11,8 +11,11 @@ import random
 
 import pytest
 
-from routerd.breaker import Breaker, BreakerState
-from routerd.core import (
+from routerd.core.breaker import Breaker, BreakerState
+from routerd.core.credential import CredentialState, Health
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
+from routerd.core.plan import Candidate, Exclusions, Target
+from routerd.core.routing import (
     CANCELLED,
     BreakerClosed,
     BreakerHalfOpen,
@@ -28,9 +31,6 @@ from routerd.core import (
     expire,
     rule_out,
 )
-from routerd.credential import CredentialState, Health
-from routerd.outcome import Failure, FailureClass, RateLimitReport, Window
-from routerd.plan import Candidate, Exclusions, Target
 
 T0 = 1000.0
 

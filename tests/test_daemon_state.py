@@ -12,13 +12,15 @@ from pathlib import Path
 
 import anyio
 import anyio.lowlevel
+import pytest
+from routerd_client import Client, paths
 
 from routerd import state as state_file
-from routerd.breaker import Breaker
-from routerd.config import parse_config
+from routerd.config.load import parse_config
+from routerd.config.secrets import resolve_secrets
+from routerd.core.breaker import Breaker
+from routerd.core.plan import Target
 from routerd.daemon import Daemon
-from routerd.plan import Target
-from routerd.secrets import resolve_secrets
 
 
 def make_daemon(directory: Path) -> Daemon:
@@ -65,3 +67,29 @@ async def test_saving_while_targets_are_added_never_breaks(tmp_path: Path) -> No
     saved = state_file.load(tmp_path / "state.msgpack")
     assert saved is not None
     assert len(saved.breakers) >= 20_001
+
+
+def test_the_daemon_and_its_clients_default_to_the_same_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rule: a hand-started daemon listens where a hand-started client looks."""
+    system = tmp_path / "system.sock"
+    monkeypatch.setattr(paths, "SYSTEM_SOCKET", str(system))
+    for name in ("ROUTERD_SOCKET", "RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    daemon = make_daemon(tmp_path)
+    config = daemon.config
+    secrets = resolve_secrets(config, environ={"KEY_A": "sk-test-0123456789abcdef"})
+    cases = [({}, False), ({"XDG_RUNTIME_DIR": str(tmp_path)}, False), ({}, True)]
+    for env, system_exists in cases:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        if system_exists:
+            system.touch()
+        for actor in daemon.actors.values():
+            actor.close()
+        daemon = Daemon(config, secrets)
+        assert str(daemon.socket_path) == Client().path == paths.default_socket_path()
+    assert str(daemon.socket_path) == str(system)
+    for actor in daemon.actors.values():
+        actor.close()

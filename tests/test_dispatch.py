@@ -11,22 +11,19 @@ from typing import Any
 
 import anyio
 import pytest
-from routerd_client import (
-    ContextOverflow,
-    ContextTierDowngrade,
-    RateLimited,
-    Unavailable,
-    UnknownRoute,
-)
 
-from routerd.actor import CredentialActor
-from routerd.breaker import Breaker
-from routerd.credential import CredentialState, Health
-from routerd.dispatch import Dispatcher, ProviderRuntime, Route
-from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
-from routerd.plan import Target
-from routerd.secrets import Secret
-from routerd.upstream.base import Call, Completion, Stream
+from routerd.config.secrets import Secret
+from routerd.core.breaker import Breaker
+from routerd.core.calls import Call, Completion
+from routerd.core.credential import CredentialState, Health
+from routerd.core.errors import Refused
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.attempt import ProviderRuntime
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.dispatch.routes import Route
+from routerd.upstream.base import Stream
 
 LONG_BETA = {"anthropic-beta": "context-1m-2025-08-07"}
 
@@ -180,11 +177,12 @@ def always_long_limited(call: Call, label: str) -> Failure | None:
 
 async def test_when_no_lane_holds_a_long_request_the_client_gets_a_downgrade() -> None:
     async with running(always_long_limited) as (dispatcher, _):
-        with pytest.raises(ContextTierDowngrade) as caught:
+        with pytest.raises(Refused) as caught:
             await dispatcher.chat("r", request(LONG))
         error = caught.value
-        assert error.largest_window == 200_000
-        assert error.long_lane_back_in is not None and 29.0 < error.long_lane_back_in <= 30.0
+        assert error.kind == "context_tier_downgrade" and error.details is not None
+        assert error.details["largest_window"] == 200_000
+        assert 29.0 < error.details["long_lane_back_in"] <= 30.0
         assert len(error.attempts) == 2
         # Short requests still succeed; a long-context 429 never shrank the short window.
         assert (await dispatcher.chat("r", request(SHORT))).credential == "a"
@@ -199,10 +197,19 @@ async def test_a_long_request_moves_to_a_target_whose_window_holds_it() -> None:
 
 async def test_a_request_no_window_fits_fails_with_the_sizes_and_no_call() -> None:
     async with running(lambda call, label: None) as (dispatcher, adapter):
-        with pytest.raises(ContextOverflow) as caught:
+        with pytest.raises(Refused) as caught:
             await dispatcher.chat("r", request(5_000_000))
+        assert caught.value.kind == "context_overflow"
         assert "1000000" in caught.value.message and "tokens" in caught.value.message
         assert adapter.calls == []
+
+
+async def test_the_dispatcher_plans_with_the_estimate_a_front_made_already() -> None:
+    async with running(lambda call, label: None) as (dispatcher, adapter):
+        with pytest.raises(Refused) as caught:
+            await dispatcher.chat("r", request(SHORT), prompt_tokens=5_000_000)
+        assert caught.value.kind == "context_overflow" and adapter.calls == []
+        assert (await dispatcher.chat("r", request(SHORT), prompt_tokens=10)).credential == "a"
 
 
 async def test_reported_usage_corrects_the_token_estimate() -> None:
@@ -234,8 +241,9 @@ async def test_a_key_that_always_answers_429_with_no_wait_is_not_hammered() -> N
         return Failure(FailureClass.RATE_LIMITED, "slow down", 429, retry_after=0.0)
 
     async with running(decide) as (dispatcher, adapter):
-        with pytest.raises(RateLimited):
+        with pytest.raises(Refused) as caught:
             await dispatcher.chat("r", request(SHORT), deadline=1.0)
+        assert caught.value.kind == "rate_limited"
         # Two keys cooled at least 0.1 s per 429 within a 1 s deadline: about 20 calls, not
         # thousands, and never more than one request's attempt cap.
         assert 2 <= len(adapter.calls) <= 32
@@ -379,8 +387,9 @@ async def test_past_the_cap_with_every_adhoc_target_busy_a_new_name_gets_a_clear
             tg.start_soon(a.dispatcher.chat, "anthropic/a", request(SHORT))
             tg.start_soon(a.dispatcher.chat, "anthropic/b", request(SHORT))
             await a.adapter.until_entered(2)
-            with pytest.raises(Unavailable) as caught:
+            with pytest.raises(Refused) as caught:
                 await a.dispatcher.chat("anthropic/c", request(SHORT))
+            assert caught.value.kind == "unavailable"
             assert "server.max_adhoc_targets = 2" in caught.value.message
             assert caught.value.retry_after == 1.0
             assert "anthropic/c" not in a.dispatcher.targets
@@ -396,7 +405,8 @@ async def test_past_the_cap_with_every_adhoc_target_busy_a_new_name_gets_a_clear
 async def test_a_name_with_no_provider_is_an_unknown_route_and_takes_no_place() -> None:
     async with adhoc(limit=1, idle_s=600) as a:
         for name in ("nope/m1", "nope/m2", "just-a-name"):
-            with pytest.raises(UnknownRoute):
+            with pytest.raises(Refused) as caught:
                 await a.dispatcher.chat(name, request(SHORT))
+            assert caught.value.kind == "unknown_route"
         assert (await a.dispatcher.chat("anthropic/ok", request(SHORT))).target == "anthropic/ok"
         assert a.dropped == []

@@ -18,16 +18,19 @@ from typing import Any
 
 import anyio
 import pytest
-from routerd_client import DeadlineExceeded, RateLimited
 
-from routerd.actor import CredentialActor
-from routerd.breaker import Breaker
-from routerd.credential import CredentialState, Health
-from routerd.dispatch import Dispatcher, ProviderRuntime, Route
-from routerd.outcome import RateLimitReport
-from routerd.plan import Target
-from routerd.secrets import Secret
-from routerd.upstream.base import Call, Completion, Stream
+from routerd.config.secrets import Secret
+from routerd.core.breaker import Breaker
+from routerd.core.calls import Call, Completion
+from routerd.core.credential import CredentialState, Health
+from routerd.core.errors import Refused
+from routerd.core.outcome import RateLimitReport
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.attempt import ProviderRuntime
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.dispatch.routes import Route
+from routerd.upstream.base import Stream
 
 KEY = "sk-paced-000000000000"
 
@@ -231,8 +234,9 @@ async def test_a_queued_request_keeps_its_deadline_and_leaves_the_queue() -> Non
             tg.start_soon(p.chat, "busy")
             await p.until_sent("busy")
             started = time.monotonic()
-            with pytest.raises(DeadlineExceeded):
+            with pytest.raises(Refused) as late:
                 await p.chat("late", deadline=0.5, client="b")
+            assert late.value.kind == "deadline_exceeded"
             waited = time.monotonic() - started
             assert 0.4 <= waited < 3.0
             assert len(p.route.queue) == 0
@@ -249,8 +253,9 @@ async def test_a_request_that_cannot_be_served_in_time_is_told_at_once_behind_a_
                 tg.start_soon(lambda t: p.chat(t, deadline=60.0, client="a"), f"patient{i}")
             await p.until_queued(3)
             started = time.monotonic()
-            with pytest.raises(RateLimited) as caught:
+            with pytest.raises(Refused) as caught:
                 await p.chat("hurried", deadline=2.0, client="b")
+            assert caught.value.kind == "rate_limited"
             assert time.monotonic() - started < 1.0
             assert caught.value.retry_after is not None and caught.value.retry_after > 25
             assert len(p.route.queue) == 3

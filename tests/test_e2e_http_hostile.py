@@ -26,10 +26,11 @@ import anyio
 import httpx
 import pytest
 
-from routerd.budget import BudgetExhausted, BufferBudget
-from routerd.dispatch import Dispatcher, Reply
-from routerd.front import FrontApp, FrontState, Metrics
-from routerd.front.body import read_body
+from routerd.core.calls import Reply
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fronts.budget import BudgetExhausted, BufferBudget
+from routerd.fronts.http import FrontApp, FrontState, Metrics
+from routerd.fronts.http.body import read_body
 from routerd.launch import DaemonProcess
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
 from tests.conftest import DaemonFactory, canary

@@ -47,12 +47,12 @@ from routerd_client.protocol import (
     encode_frame,
 )
 
-from routerd.budget import BufferBudget
-from routerd.dispatch import Dispatcher, Reply
-from routerd.framing import UNRESERVED_FRAME
-from routerd.guard import MAX_DEPTH, check_chat, peek_id
-from routerd.server import Connection
-from routerd.upstream.base import Delta
+from routerd.core.calls import Delta, Reply
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fronts.budget import BufferBudget
+from routerd.fronts.msgpack.framing import UNRESERVED_FRAME
+from routerd.fronts.msgpack.guard import MAX_DEPTH, check_chat, peek_id
+from routerd.fronts.msgpack.server import Connection
 from tests.conftest import DaemonFactory
 from tests.test_e2e_hostile import chat_frame, nested, start
 from tests.test_e2e_protocol import MockFactory, Raw, user

@@ -29,13 +29,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from routerd_client import Client
 
-from routerd.dispatch import Reply
-from routerd.front import FrontError, anthropic_shape
-from routerd.front.serve import bind_tcp
+from routerd.core.calls import Delta, Reply
+from routerd.fronts.http import FrontError, anthropic_shape
+from routerd.fronts.http.serve import bind_tcp
 from routerd.launch import DaemonProcess, DaemonStartError
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
 from routerd.translate import to_openai
-from routerd.upstream.base import Delta
 from tests.conftest import DaemonFactory, canary
 
 MockFactory = Callable[[MockSpec], MockProcess]

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from routerd.limits import (
+from routerd.core.limits import (
     anthropic_limits,
     limits_from_headers,
     openai_limits,
@@ -16,7 +16,7 @@ from routerd.limits import (
     retry_after,
     window_reset,
 )
-from routerd.outcome import Window
+from routerd.core.outcome import Window
 
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC).timestamp()
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from routerd_client import AsyncClient, Client, RouterdError
 
+from routerd.fronts.peers import Peer, PeerPolicy
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
-from routerd.peers import Peer, PeerPolicy
 from tests.conftest import DaemonFactory, canary
 
 NOBODY = pwd.getpwnam("nobody")

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from routerd import state as state_file
-from routerd.breaker import Breaker, BreakerState
-from routerd.credential import CredentialState, Health, LocalLimit
-from routerd.outcome import Failure, FailureClass, RateLimitReport, Window
-from routerd.plan import Exclusions, Target, order_pool, plan
+from routerd.core.breaker import Breaker, BreakerState
+from routerd.core.credential import CredentialState, Health, LocalLimit
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
+from routerd.core.plan import Exclusions, Target, order_pool, plan
 
 RNG = random.Random(7)
 

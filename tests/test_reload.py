@@ -6,13 +6,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from routerd.actor import CredentialActor
-from routerd.breaker import Breaker
-from routerd.config import Config, ServerConfig, parse_config
-from routerd.credential import CredentialState, Health, LocalLimit
-from routerd.plan import Target
+from routerd.config.load import parse_config
+from routerd.config.schema import Config, ServerConfig
+from routerd.config.secrets import Secret, resolve_secrets
+from routerd.core.breaker import Breaker
+from routerd.core.credential import CredentialState, Health, LocalLimit
+from routerd.core.plan import Target
+from routerd.dispatch.actor import CredentialActor
 from routerd.reload import plan_credentials, restart_needed, retarget
-from routerd.secrets import Secret, resolve_secrets
 from tests.test_config import BASE
 
 CREATED: list[CredentialActor] = []

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from routerd.config import ConfigError, ConfigProblem, check_config, parse_config, summarize
-from routerd.secrets import Secret, fingerprint, resolve_secrets
+from routerd.config.load import check_config, parse_config, summarize
+from routerd.config.problems import ConfigError, ConfigProblem
+from routerd.config.secrets import Secret, fingerprint, resolve_secrets
 from tests.test_config import BASE, CANARY, line_of, problems_of
 
 # --- secrets ------------------------------------------------------------------------------

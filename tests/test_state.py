@@ -14,8 +14,8 @@ import structlog
 from routerd_client import AsyncClient
 
 from routerd import state as state_file
-from routerd.breaker import Breaker, BreakerState
-from routerd.credential import CredentialState, Health
+from routerd.core.breaker import Breaker, BreakerState
+from routerd.core.credential import CredentialState, Health
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
 from tests.conftest import DaemonFactory, canary
 

@@ -8,10 +8,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from routerd.calls import Delta
-from routerd.dispatch import merge_tool_calls
-from routerd.outcome import FailureClass, UpstreamFailure
-from routerd.tokens import Estimated, estimate_prompt, output_allowance, requested_max_tokens
+from routerd.core.calls import Delta
+from routerd.core.outcome import FailureClass, UpstreamFailure
+from routerd.core.tokens import output_allowance, requested_max_tokens
+from routerd.dispatch.attempt import merge_tool_calls
 from routerd.translate import (
     AnthropicStreamTranslator,
     TranslationError,
@@ -508,14 +508,6 @@ def test_max_completion_tokens_supersedes_max_tokens_everywhere(
 @pytest.mark.parametrize("limit", [True, "100", -5, 1.5])
 def test_an_unusable_limit_reserves_no_output(limit: Any) -> None:
     assert output_allowance({"max_completion_tokens": limit, "max_tokens": 100}) == 0
-
-
-def test_a_carried_estimate_is_the_estimate_of_the_request() -> None:
-    body: dict[str, Any] = {"messages": [{"role": "user", "content": "x" * 400}], "tools": []}
-    carried = Estimated(body)
-    assert carried == body and carried.prompt_tokens == estimate_prompt(body) > 100
-    assert estimate_prompt(carried) == carried.prompt_tokens
-    assert msgspec.json.decode(msgspec.json.encode(carried)) == body
 
 
 # --- stream ---------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ import httpx
 import msgspec
 import pytest
 
-from routerd.dispatch import merge_tool_calls
-from routerd.outcome import Failure, FailureClass, UpstreamFailure
-from routerd.upstream import Call, adapter_for
+from routerd.core.calls import Call
+from routerd.core.outcome import Failure, FailureClass, UpstreamFailure
+from routerd.dispatch.attempt import merge_tool_calls
 from routerd.upstream.anthropic import AnthropicAdapter
+from routerd.upstream.registry import adapter_for
 
 KEY = "sk-ant-api03-canary-Hq7Lm2Np4Rs6Tu8Vw0Xy3Za5Bc7De9Fg1Hj3Kl5Mn7Pq9Rs1Tu3Vw5-AbCdEfGh"
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]

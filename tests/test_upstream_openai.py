@@ -10,8 +10,11 @@ import httpx
 import msgspec
 import pytest
 
-from routerd.outcome import FailureClass, UpstreamFailure
-from routerd.upstream import Adapter, Call, OpenAIAdapter, adapter_for
+from routerd.core.calls import Call
+from routerd.core.outcome import FailureClass, UpstreamFailure
+from routerd.upstream.base import Adapter
+from routerd.upstream.openai import OpenAIAdapter
+from routerd.upstream.registry import adapter_for
 
 KEY = "sk-proj-Q2x7LmN4pR8sT1vW3yZ5aB6cD9eF0gH2jK4lM7nP1qR3sT5uV8wX0yZ2"
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import msgspec
 
-from .errors import BadRequest, ProtocolError, Unavailable, error_from_message
+from .errors import BadRequest, ProtocolError, RouterdError, Unavailable, error_from_message
 from .protocol import (
     PROTOCOL_VERSION,
     Chat,
@@ -19,6 +19,9 @@ from .protocol import (
     Welcome,
     encode_frame,
 )
+from .wire import ClientProtocol
+
+M = TypeVar("M", bound=DaemonMessage)
 
 #: How long the connect and the Hello/Welcome exchange may take when no timeout is given.
 HANDSHAKE_TIMEOUT = 10.0
@@ -77,6 +80,11 @@ def check_welcome(message: DaemonMessage | None, path: str) -> Welcome:
     return message
 
 
+def hello_timeout(path: str, handshake: float) -> Unavailable:
+    """The error for a daemon that did not finish the handshake in ``handshake`` seconds."""
+    return Unavailable(f"routerd at {path} did not answer hello within {handshake} s")
+
+
 def cannot_connect(path: str, exc: OSError) -> Unavailable:
     """The error for a socket that is missing, refused or not ours to open."""
     reason = exc.strerror or str(exc) or type(exc).__name__
@@ -98,6 +106,32 @@ def client_closed() -> Unavailable:
     return Unavailable("the routerd client was closed")
 
 
+def fail_pending(
+    protocol: ClientProtocol[Any],
+    closing: bool,
+    path: str,
+    failure: Callable[[], RouterdError] | None,
+) -> None:
+    """Fail every request still waiting once the reader stops: the client closed, or the
+    connection was lost (to ``failure``, when the bytes said what broke it)."""
+    if closing:
+        protocol.fail_all(client_closed)
+    else:
+        protocol.fail_all(failure or (lambda: connection_lost(path)))
+
+
 def unexpected(message: DaemonMessage, wanted: str) -> ProtocolError:
     """The error for a well-formed reply of the wrong type for its request."""
     return ProtocolError(f"routerd replied {type(message).__name__} where {wanted} was expected")
+
+
+def lost_or_closed(closing: bool, path: str) -> Unavailable:
+    """The error for a request on a dead connection: closed by the client, or lost."""
+    return client_closed() if closing else connection_lost(path)
+
+
+def expect(message: DaemonMessage, kind: type[M], wanted: str) -> M:
+    """``message`` if it is the ``kind`` of reply its request wants, else ProtocolError."""
+    if isinstance(message, kind):
+        return message
+    raise unexpected(message, wanted)

@@ -19,9 +19,12 @@ from ._shared import (
     connection_lost,
     default_client_name,
     encode_request,
-    unexpected,
+    expect,
+    fail_pending,
+    hello_timeout,
+    lost_or_closed,
 )
-from .errors import RouterdError, Unavailable
+from .errors import RouterdError
 from .paths import default_socket_path
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -127,9 +130,7 @@ class _AsyncConnection:
                 reader, writer = await asyncio.open_unix_connection(sock=sock, limit=_STREAM_LIMIT)
         except TimeoutError as exc:
             _discard(sock, writer)
-            raise Unavailable(
-                f"routerd at {path} did not answer hello within {handshake} s"
-            ) from exc
+            raise hello_timeout(path, handshake) from exc
         except BaseException as exc:
             _discard(sock, writer)
             if isinstance(exc, ConnectionFailed):
@@ -144,7 +145,7 @@ class _AsyncConnection:
     def register(self, rid: int) -> asyncio.Queue[Reply]:
         """Make a queue that will receive the replies for ``rid``."""
         if self.dead:
-            raise client_closed() if self._closing else connection_lost(self.path)
+            raise lost_or_closed(self._closing, self.path)
         replies: asyncio.Queue[Reply] = asyncio.Queue()
         self._pending[rid] = replies
         return replies
@@ -159,12 +160,12 @@ class _AsyncConnection:
         try:
             check_request_size(frame, self.welcome)
             if self.dead:
-                raise client_closed() if self._closing else connection_lost(self.path)
+                raise lost_or_closed(self._closing, self.path)
             self._writer.write(frame)
             await self._writer.drain()
         except OSError as exc:
             self._pending.pop(rid, None)
-            raise (client_closed() if self._closing else connection_lost(self.path)) from exc
+            raise lost_or_closed(self._closing, self.path) from exc
         except BaseException:
             self._pending.pop(rid, None)
             raise
@@ -216,10 +217,8 @@ class _AsyncConnection:
             pass  # the daemon reset the connection
         finally:
             self.dead = True
-            if self._closing:
-                protocol.fail_all(client_closed)
-            else:
-                protocol.fail_all(failure or (lambda: connection_lost(self.path)))
+            fail_pending(protocol, self._closing, self.path, failure)
+            if not self._closing:
                 # Nobody can use this connection again; free the socket without waiting
                 # for the client to notice.
                 self._writer.close()
@@ -282,10 +281,8 @@ class AsyncChatStream:
         if isinstance(message, Chunk):
             return message
         self._done = True
-        if isinstance(message, Result):
-            self.result = message
-            raise StopAsyncIteration
-        raise unexpected(message, "chunk or result")
+        self.result = expect(message, Result, "chunk or result")
+        raise StopAsyncIteration
 
     def _stop(self) -> None:
         if not self._done:
@@ -398,10 +395,7 @@ class AsyncClient:
         """
         rid = next(self._ids)
         message = chat_message(rid, route, messages, deadline, priority, params, False)
-        reply = await self._request(rid, encode_request(message))
-        if isinstance(reply, Result):
-            return reply
-        raise unexpected(reply, "result")
+        return expect(await self._request(rid, encode_request(message)), Result, "result")
 
     def stream(
         self,
@@ -421,9 +415,7 @@ class AsyncClient:
         """The daemon's pool health: the same data as ``routerd status --json``."""
         rid = next(self._ids)
         reply = await self._request(rid, encode_frame(Status(id=rid)))
-        if isinstance(reply, StatusReport):
-            return reply
-        raise unexpected(reply, "status_report")
+        return expect(reply, StatusReport, "status_report")
 
     async def reload(self) -> str:
         """Make the daemon re-read its config (as SIGHUP does); returns what it did.
@@ -433,9 +425,7 @@ class AsyncClient:
         """
         rid = next(self._ids)
         reply = await self._request(rid, encode_frame(Reload(id=rid)))
-        if isinstance(reply, Reloaded):
-            return reply.summary
-        raise unexpected(reply, "reloaded")
+        return expect(reply, Reloaded, "reloaded").summary
 
     async def aclose(self) -> None:
         """Close the connection; requests still waiting raise Unavailable."""

@@ -21,9 +21,12 @@ from ._shared import (
     connection_lost,
     default_client_name,
     encode_request,
-    unexpected,
+    expect,
+    fail_pending,
+    hello_timeout,
+    lost_or_closed,
 )
-from .errors import RouterdError, Unavailable
+from .errors import RouterdError
 from .paths import default_socket_path
 from .protocol import (
     DEFAULT_MAX_FRAME,
@@ -104,9 +107,7 @@ class _Connection:
                     sock.sendall(encode_frame(Hello(version=PROTOCOL_VERSION, client=name)))
                 welcome = check_welcome(_first_message(sock, protocol), path)
             except TimeoutError as exc:
-                raise Unavailable(
-                    f"routerd at {path} did not answer hello within {handshake} s"
-                ) from exc
+                raise hello_timeout(path, handshake) from exc
             except ConnectionFailed as exc:
                 raise exc.failure() from exc
             except OSError as exc:
@@ -123,14 +124,14 @@ class _Connection:
     def register(self, rid: int) -> queue.SimpleQueue[Reply]:
         """Make a queue that will receive the replies for ``rid``."""
         if self.dead:
-            raise client_closed() if self._closing else connection_lost(self.path)
+            raise lost_or_closed(self._closing, self.path)
         replies: queue.SimpleQueue[Reply] = queue.SimpleQueue()
         self._pending[rid] = replies
         # The reader sets ``dead`` before it drains, so a request that sees it still False
         # here is certain to be drained (and failed) if the connection goes.
         if self.dead:
             self._pending.pop(rid, None)
-            raise client_closed() if self._closing else connection_lost(self.path)
+            raise lost_or_closed(self._closing, self.path)
         return replies
 
     def send(self, rid: int, frame: bytes) -> None:
@@ -145,7 +146,7 @@ class _Connection:
                 self._sock.sendall(frame)
         except OSError as exc:
             self._pending.pop(rid, None)
-            raise (client_closed() if self._closing else connection_lost(self.path)) from exc
+            raise lost_or_closed(self._closing, self.path) from exc
         except BaseException:
             self._pending.pop(rid, None)
             raise
@@ -203,10 +204,7 @@ class _Connection:
             pass  # recv on a socket shut down or closed under us: the connection is gone
         finally:
             self.dead = True
-            if self._closing:
-                protocol.fail_all(client_closed)
-            else:
-                protocol.fail_all(failure or (lambda: connection_lost(self.path)))
+            fail_pending(protocol, self._closing, self.path, failure)
 
     def close(self) -> None:
         """Fail what is pending, stop the reader thread and close the socket."""
@@ -259,10 +257,8 @@ class ChatStream:
         if isinstance(message, Chunk):
             return message
         self._done = True
-        if isinstance(message, Result):
-            self.result = message
-            raise StopIteration
-        raise unexpected(message, "chunk or result")
+        self.result = expect(message, Result, "chunk or result")
+        raise StopIteration
 
     def close(self) -> None:
         """Stop the stream; the daemon is told to cancel it if it is still running."""
@@ -365,10 +361,7 @@ class Client:
         frame = encode_request(
             chat_message(rid, route, messages, deadline, priority, params, False)
         )
-        message = self._request(rid, frame)
-        if isinstance(message, Result):
-            return message
-        raise unexpected(message, "result")
+        return expect(self._request(rid, frame), Result, "result")
 
     def stream(
         self,
@@ -390,9 +383,7 @@ class Client:
         """The daemon's pool health: the same data as ``routerd status --json``."""
         rid = next(self._ids)
         message = self._request(rid, encode_frame(Status(id=rid)))
-        if isinstance(message, StatusReport):
-            return message
-        raise unexpected(message, "status_report")
+        return expect(message, StatusReport, "status_report")
 
     def reload(self) -> str:
         """Make the daemon re-read its config (as SIGHUP does); returns what it did.
@@ -402,9 +393,7 @@ class Client:
         """
         rid = next(self._ids)
         message = self._request(rid, encode_frame(Reload(id=rid)))
-        if isinstance(message, Reloaded):
-            return message.summary
-        raise unexpected(message, "reloaded")
+        return expect(message, Reloaded, "reloaded").summary
 
     def close(self) -> None:
         """Close the connection; requests still waiting raise Unavailable."""

@@ -25,10 +25,8 @@ from routerd.mock.asgi import Headers, Request, Responder
 from routerd.mock.directives import DirectiveError, Directives, parse_directives, strip_directives
 from routerd.mock.faults import send_body, wait_or_fail
 from routerd.mock.limits import WindowState
-from routerd.mock.spec import ModelSpec
+from routerd.mock.spec import KeySpec, ModelSpec
 from routerd.mock.state import Admission, MockState, WindowName
-
-# The "timeout" fault: far beyond any client's timeout, yet ended by the client leaving.
 
 # The anthropic-beta value that unlocks a model's long context window (its prefix: the
 # real one carries a date, e.g. context-1m-2025-08-07).
@@ -141,20 +139,7 @@ async def messages(state: MockState, request: Request, reply: Responder) -> None
         # No retry-after: this key never serves long requests, so waiting will not help.
         await call.error(429, errors.long_context_not_allowed())
         return
-    amounts: dict[WindowName, int] = {
-        "requests": 1,
-        # Like Anthropic, output is reserved at max_tokens before anything is generated.
-        "tokens": prompt_tokens + body.max_tokens,
-        "input_tokens": prompt_tokens,
-        "output_tokens": body.max_tokens,
-    }
-    if is_long:
-        # Checked after the key's own windows: a long-context 429 then means that only the
-        # long lane is full, and short requests on this key would still go through.
-        amounts["long_requests"] = 1
-    call.limits = admission = state.admit_amounts(secret, key, amounts)
-    if admission.rejected is not None:
-        await _rate_limited(call, admission, body.model)
+    if not await _admit(call, secret, key, body.model, prompt_tokens, body.max_tokens, is_long):
         return
     said = strip_directives(user_text)[:40]
     answer = _compose(body, key.label, said, directives, prompt_tokens)
@@ -251,9 +236,8 @@ async def _send(reply: Responder, event: wire.StreamEvent, *, last: bool = False
     """One server-sent event named, as Anthropic names them, after its payload's type."""
     name = type(event).__struct_config__.tag
     assert isinstance(name, str)
-    await reply.write(
-        b"event: " + name.encode() + b"\ndata: " + _encode(event) + b"\n\n", last=last
-    )
+    frame = b"event: " + name.encode() + b"\ndata: " + _encode(event) + b"\n\n"
+    await reply.write(frame, last=last)
 
 
 def _compose(
@@ -292,8 +276,24 @@ def _compose(
     return _Reply(text, tool_use, stop_reason, stop_sequence, usage)
 
 
-async def _rate_limited(call: _Call, admission: Admission, model: str) -> None:
-    """The 429 for a full window, with Anthropic's message and retry-after."""
+async def _admit(
+    call: _Call, secret: str, key: KeySpec, model: str, prompt: int, max_tokens: int, long: bool
+) -> bool:
+    """Take the request's share of its key's windows, or send the 429 for a full one."""
+    amounts: dict[WindowName, int] = {
+        "requests": 1,
+        # Like Anthropic, output is reserved at max_tokens before anything is generated.
+        "tokens": prompt + max_tokens,
+        "input_tokens": prompt,
+        "output_tokens": max_tokens,
+    }
+    if long:
+        # Checked after the key's own windows: a long-context 429 then means that only the
+        # long lane is full, and short requests on this key would still go through.
+        amounts["long_requests"] = 1
+    call.limits = admission = call.state.admit_amounts(secret, key, amounts)
+    if admission.rejected is None:
+        return True
     name = admission.refused_by
     assert name is not None
     window = _window(admission, name)
@@ -301,9 +301,10 @@ async def _rate_limited(call: _Call, admission: Admission, model: str) -> None:
     if admission.rejected == "too_large":
         # No retry-after: waiting does not make this request fit on this key.
         await call.error(429, detail)
-        return
+        return False
     retry = [(b"retry-after", str(max(1, _ceil_s(admission.retry_after_s))).encode())]
     await call.error(429, detail, retry)
+    return False
 
 
 def _window(admission: Admission, name: WindowName) -> WindowState | None:

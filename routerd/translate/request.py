@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from routerd.tokens import requested_max_tokens
+from routerd.core.tokens import requested_max_tokens
 from routerd.translate.errors import TranslationError
 from routerd.translate.reply import tool_input
 from routerd.translate.tables import ANTHROPIC_TOOL_CHOICE

@@ -10,9 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from routerd.calls import Delta
-from routerd.classify import classify
-from routerd.outcome import UpstreamFailure
+from routerd.core.calls import Delta
+from routerd.core.classify import classify
+from routerd.core.outcome import UpstreamFailure
 from routerd.translate.reply import openai_tool_call
 from routerd.translate.tables import finish_reason, openai_usage
 

@@ -15,9 +15,11 @@ from typing import Any
 import httpx
 import msgspec
 
-from routerd.classify import MESSAGE_LIMIT, classify, scrub, transport_failure
-from routerd.limits import anthropic_limits
-from routerd.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
+from routerd.core.calls import Call, Completion, Delta
+from routerd.core.classify import classify, scrub, transport_failure
+from routerd.core.errorbody import MESSAGE_LIMIT
+from routerd.core.limits import anthropic_limits
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, UpstreamFailure
 from routerd.translate import (
     DEFAULT_MAX_TOKENS,
     AnthropicStreamTranslator,
@@ -25,7 +27,6 @@ from routerd.translate import (
     anthropic_to_completion,
     openai_to_anthropic,
 )
-from routerd.upstream.base import Call, Completion, Delta
 from routerd.upstream.common import endpoint, open_stream, post, sse_events
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]

@@ -6,11 +6,8 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
-# The value types are re-exported here, where the adapters' callers have always found them.
-from routerd.calls import Call, Completion, Delta
-from routerd.outcome import RateLimitReport
-
-__all__ = ["Adapter", "Call", "Completion", "Delta", "Stream"]
+from routerd.core.calls import Call, Completion, Delta
+from routerd.core.outcome import RateLimitReport
 
 
 class Stream(Protocol):

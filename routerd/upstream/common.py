@@ -8,9 +8,9 @@ from functools import lru_cache
 
 import httpx
 
-from routerd.classify import transport_failure
-from routerd.outcome import Failure, UpstreamFailure
-from routerd.upstream.base import Call
+from routerd.core.calls import Call
+from routerd.core.classify import transport_failure
+from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.upstream.sse import SSEDecoder
 
 # Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).

@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import msgspec
 
-from routerd.classify import classify, transport_failure
-from routerd.limits import openai_limits
-from routerd.outcome import Failure, RateLimitReport, UpstreamFailure
-from routerd.upstream.base import Call, Completion, Delta
+from routerd.core.calls import Call, Completion, Delta
+from routerd.core.classify import classify, transport_failure
+from routerd.core.limits import openai_limits
+from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
 from routerd.upstream.common import endpoint, open_stream, post, sse_events
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]

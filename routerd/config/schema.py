@@ -1,0 +1,127 @@
+"""The config file's schema: one msgspec Struct per table, with its defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Strategy = Literal["headroom", "fill_first", "round_robin", "least_used", "random"]
+ProviderKind = Literal["openai", "anthropic", "openai-compatible"]
+
+
+class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One API key: where its secret comes from and its own limits.
+
+    Exactly one of key_env, key_file, key_credential (a systemd credential name, read from
+    $CREDENTIALS_DIRECTORY) names the secret.
+    """
+
+    label: str
+    key_env: str | None = None
+    key_file: str | None = None
+    key_credential: str | None = None
+    rpm: int | None = None
+    tpm: int | None = None
+    max_concurrent: int | None = None
+
+
+class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One provider: its API kind, where it lives, and the pool of keys that serve it."""
+
+    kind: ProviderKind
+    base_url: str
+    strategy: Strategy = "headroom"
+    credentials: list[CredentialConfig] = msgspec.field(default_factory=list)
+    pool_env: str | None = None
+    pool_rpm: int | None = None
+    pool_tpm: int | None = None
+    pool_max_concurrent: int | None = None
+    timeout_s: float = 120.0
+    connect_timeout_s: float = 5.0
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    quota_park_s: float = 3600.0
+    auth_probe_s: float = 3600.0
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Per-target facts: the context window, and the long-context window where one exists."""
+
+    context_window: int | None = None
+    long_context_window: int | None = None
+
+
+class RouteConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """An ordered fallback chain of "provider/model" targets.
+
+    ``retries`` bounds the attempts that are not key switches (a key switch after a 429,
+    a quota or an auth failure never uses it up).
+    """
+
+    chain: list[str]
+    deadline_s: float = 120.0
+    retries: int = 2
+
+
+class BreakerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """When a target's breaker opens, and how long it stays open before a half-open probe."""
+
+    failure_threshold: int = 3
+    open_s: float = 5.0
+    max_open_s: float = 120.0
+
+
+class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where the daemon listens and keeps its state. Empty paths mean the defaults."""
+
+    socket: str | None = None
+    socket_mode: int = 0o660
+    state_file: str | None = None
+    http_socket: str | None = None
+    http_listen: str | None = None
+    http_token_env: str = "ROUTERD_HTTP_TOKEN"
+    # http_listen must be a loopback address unless this is set: the front holds every key.
+    http_allow_remote: bool = False
+    # Who may use the sockets beyond their file mode (user and group names or ids); empty:
+    # whoever can open the socket. The daemon's own user is always allowed.
+    allowed_users: list[str] = msgspec.field(default_factory=list)
+    allowed_groups: list[str] = msgspec.field(default_factory=list)
+    max_frame: int = 16 * 1024 * 1024
+    mailbox_size: int = 256
+    drain_timeout_s: float = 30.0
+    state_flush_s: float = 1.0
+    log_level: str = "info"
+    # Open connections per listening socket (msgpack, HTTP Unix, HTTP TCP); the daemon also
+    # keeps each cap below what its file-descriptor limit allows.
+    max_connections: int = 1000
+    # A frame, HTTP request head or body that has begun must arrive whole within this.
+    read_timeout_s: float = 30.0
+    # An idle HTTP keep-alive connection is closed after this.
+    http_keepalive_s: float = 5.0
+    # Bytes that all incomplete frames and request bodies may hold together.
+    buffer_budget: int = 64 * 1024 * 1024
+    # provider/model targets named by requests rather than by a route: how many may exist at
+    # once, and how long an unused one is kept.
+    max_adhoc_targets: int = 256
+    adhoc_idle_s: float = 600.0
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The whole config file."""
+
+    providers: dict[str, ProviderConfig]
+    routes: dict[str, RouteConfig]
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
+    breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """Split "provider/model" at the first "/" (model names may contain "/" themselves).
+
+    Raises ValueError when either half is missing.
+    """
+    provider, sep, model = target.partition("/")
+    if not sep or not provider or not model:
+        raise ValueError(f"{target!r} is not of the form 'provider/model'")
+    return provider, model

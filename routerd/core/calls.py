@@ -1,0 +1,83 @@
+"""The values a request trades in: the Call out, the Completion or Deltas back, the Reply.
+
+A Reply carries the Attempts that led to it; a refused request carries them in its Refused.
+
+They live apart from routerd.upstream so that the translators, which build Deltas, import
+nothing of the adapters that use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from routerd.core.outcome import RateLimitReport
+
+__all__ = ["Attempt", "Call", "Completion", "Delta", "Reply"]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attempt against one target with one credential.
+
+    ``body`` is the client's request in OpenAI chat shape; the adapter sets the model itself.
+    ``timeout`` bounds the whole attempt (connect, first byte, and each read).
+    """
+
+    base_url: str
+    model: str
+    key: str = field(repr=False)
+    body: dict[str, Any] = field(default_factory=dict)
+    timeout: float = 120.0
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Completion:
+    """A whole reply, normalised to OpenAI chat shape."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, int]
+    limits: RateLimitReport
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """One streamed piece: text and/or OpenAI-style tool-call deltas."""
+
+    text: str = ""
+    tool_calls: list[dict[str, Any]] | None = None
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One upstream attempt of a request: never a secret, only the credential's label.
+
+    ``outcome`` is "ok" or the failure class; each front hands the trail to its client.
+    """
+
+    target: str
+    credential: str
+    outcome: str
+    status: int | None = None
+    latency_ms: float | None = None
+    message: str | None = None
+
+
+@dataclass(slots=True)
+class Reply:
+    """A finished request: the serving target's reply and the attempts that led to it."""
+
+    text: str
+    model: str
+    provider: str
+    credential: str
+    target: str
+    usage: dict[str, int]
+    attempts: list[Attempt]
+    finish_reason: str | None
+    tool_calls: list[dict[str, Any]] | None

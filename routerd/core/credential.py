@@ -1,0 +1,383 @@
+"""One credential's state: health, learned rate-limit windows, cooldowns, quota and auth.
+
+Everything here is pure and synchronous: time comes in as ``now`` (monotonic seconds), so the
+cooldown logic is tested without sleeping. On the request path only the routing core
+(``routing.py``) calls the changing methods; the actor task (``dispatch/actor.py``) does what
+takes time (timers, logging, persistence).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
+
+BACKOFF_BASE_S = 1.0
+BACKOFF_MAX_S = 60.0
+RPM_WINDOW_S = 60.0
+# A credential that never answered is tried by one request at a time for this long: a bad
+# or exhausted key fails fast, so a burst must not all land on it before the first answer.
+PROBATION_S = 2.0
+# The shortest cooldown, whatever the provider says ("retry-after: 0" included): a key that
+# keeps answering 429 is never tried in a tight loop.
+MIN_COOLDOWN_S = 0.1
+# After a window's reset passed, the new window's reset is unknown until the next reply
+# reports it; this guess only matters when replies carry no rate-limit headers.
+ROLLOVER_S = 60.0
+
+
+class Health(enum.StrEnum):
+    """What a credential can do right now."""
+
+    READY = "ready"
+    COOLING = "cooling"
+    PARKED = "parked"
+    DISABLED = "disabled"
+
+
+@dataclass(slots=True)
+class LearnedWindow:
+    """A provider-reported window and a safe estimate of what is left in it now.
+
+    ``remaining`` is a lower bound: a reply's figure less everything the provider may not
+    have counted when it wrote it. What had been answered before that request was sent is
+    surely counted; anything else we sent may not be, in whatever order the provider
+    handled it. Each reply gives such a bound, each request we send lowers it, and the
+    larger of two bounds is still one. Once the reset passed, the window is whole again;
+    its next reset is a guess (``ROLLOVER_S``) until a reply reports it.
+    """
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: float = 0.0
+    guessed: bool = True
+    sent: int = 0
+    answered: int = 0
+
+    def learn(self, window: Window | None, now: float, answered_at_send: int, amount: int) -> None:
+        """Take the report of a reply to a request of ``amount``.
+
+        ``answered_at_send`` is what had been answered when that request was sent.
+        """
+        if window is None:
+            return
+        if window.limit is not None:
+            self.limit = window.limit
+        if window.remaining is not None:
+            unreported = max(0, self.sent - answered_at_send - amount)
+            bound = max(0, window.remaining - unreported)
+            if self.remaining is None or now >= self.reset_at:
+                self.remaining = bound
+            else:
+                self.remaining = max(self.remaining, bound)
+        if window.reset_s is not None:
+            reset_at = now + window.reset_s
+            if self.guessed or now >= self.reset_at:
+                self.reset_at = reset_at
+            else:
+                self.reset_at = max(self.reset_at, reset_at)
+            self.guessed = False
+
+    def left(self, now: float) -> int | None:
+        """What is left now; once the reset passed, the whole limit (None when unknown)."""
+        if self.remaining is None:
+            return None
+        if now >= self.reset_at:
+            return self.limit if self.limit is not None else None
+        return self.remaining
+
+    def spend(self, amount: int, now: float) -> int:
+        """Count a request we send; returns what had been answered so far (its mark)."""
+        self.sent += amount
+        if self.remaining is not None:
+            if now >= self.reset_at and self.limit is not None:
+                self.remaining = self.limit
+                self.reset_at = now + ROLLOVER_S
+                self.guessed = True
+            self.remaining = max(0, self.remaining - amount)
+        return self.answered
+
+    def answer(self, amount: int) -> None:
+        """A request we sent was answered (or given up on)."""
+        self.answered += amount
+
+    def fraction(self, now: float) -> float | None:
+        """Remaining share of the window, 0..1, None when unknown."""
+        left = self.left(now)
+        if left is None or not self.limit:
+            return None
+        return max(0.0, min(1.0, left / self.limit))
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One request on a credential: its token estimate and what had been answered before it.
+
+    ``long`` when the request uses the credential's long-context lane.
+    """
+
+    tokens: int
+    requests_mark: int
+    tokens_mark: int
+    long: bool = False
+
+
+@dataclass(slots=True)
+class LocalLimit:
+    """A limit the config sets for this credential (rpm or tpm), as a sliding 60 s window."""
+
+    limit: int
+    spent: deque[tuple[float, int]] = field(default_factory=deque)
+    total: int = 0
+
+    def _trim(self, now: float) -> None:
+        while self.spent and self.spent[0][0] <= now - RPM_WINDOW_S:
+            _, amount = self.spent.popleft()
+            self.total -= amount
+
+    def free_at(self, amount: int, now: float) -> float:
+        """The earliest time ``amount`` more fits the window (now if it fits already)."""
+        self._trim(now)
+        if self.total + amount <= self.limit:
+            return now
+        need = self.total + amount - self.limit
+        for stamp, spent in self.spent:
+            need -= spent
+            if need <= 0:
+                return stamp + RPM_WINDOW_S
+        return now + RPM_WINDOW_S
+
+    def spend(self, amount: int, now: float) -> None:
+        """Record a request of ``amount`` at ``now``."""
+        self._trim(now)
+        self.spent.append((now, amount))
+        self.total += amount
+
+
+@dataclass(slots=True)
+class CredentialState:
+    """The state of one credential; the core changes it, the plan reads it."""
+
+    provider: str
+    label: str
+    fingerprint: str
+    order: int
+    max_concurrent: int | None = None
+    rpm: LocalLimit | None = None
+    tpm: LocalLimit | None = None
+    quota_park_s: float = 3600.0
+    auth_probe_s: float = 3600.0
+
+    health: Health = Health.READY
+    until: float = 0.0
+    reason: str = ""
+    backoff_level: int = 0
+    probing: bool = False
+    long_lane_until: float = 0.0
+    long_lane_level: int = 0
+    # The long-context lane has a probation of its own: a key may serve short requests and
+    # still refuse every long one, so a burst of long requests must not all land on it.
+    long_proven: bool = False
+    long_probation_until: float = 0.0
+    long_in_flight: int = 0
+
+    requests: LearnedWindow = field(default_factory=LearnedWindow)
+    tokens: LearnedWindow = field(default_factory=LearnedWindow)
+
+    proven: bool = False
+    probation_until: float = 0.0
+    in_flight: int = 0
+    uses: int = 0
+    last_used: float = 0.0
+    successes: int = 0
+    failures: int = 0
+    latency_ms: float | None = None
+
+    # ---- reading ----------------------------------------------------------------------
+
+    def current_health(self, now: float) -> Health:
+        """Health at ``now``: a cooldown or a park that has run out is READY again."""
+        if self.health in (Health.COOLING, Health.PARKED) and now >= self.until:
+            return Health.READY
+        return self.health
+
+    def free_at(self, now: float, tokens: int, *, long: bool = False) -> float:
+        """When this credential can take a request of ``tokens`` (``now`` if it can now).
+
+        ``math.inf`` means only a finished request (max_concurrent) or a reload frees it.
+        ``long``: the request needs the long-context lane (whose cooling the plan checks).
+        """
+        health = self.current_health(now)
+        if health is Health.DISABLED:
+            if self.probing:
+                return math.inf
+            return max(now, self.until)
+        if health is not Health.READY:
+            return self.until
+        at = now
+        if self.max_concurrent is not None and self.in_flight >= self.max_concurrent:
+            return math.inf
+        if not self.proven and self.in_flight and now < self.probation_until:
+            return self.probation_until
+        if (
+            long
+            and not self.long_proven
+            and self.long_in_flight
+            and now < self.long_probation_until
+        ):
+            return self.long_probation_until
+        left = self.requests.left(now)
+        if left is not None and left <= 0:
+            at = max(at, self.requests.reset_at)
+        tok_left = self.tokens.left(now)
+        if tok_left is not None and tok_left < tokens and tokens <= (self.tokens.limit or 0):
+            at = max(at, self.tokens.reset_at)
+        if self.rpm is not None:
+            at = max(at, self.rpm.free_at(1, now))
+        if self.tpm is not None and tokens <= self.tpm.limit:
+            at = max(at, self.tpm.free_at(tokens, now))
+        return at
+
+    def headroom(self, now: float) -> float:
+        """Share of capacity left, 0..1, from the windows the provider last reported.
+
+        Unknown windows count as full, so a fresh key is preferred over a draining one.
+        """
+        share = 1.0
+        for window in (self.requests, self.tokens):
+            fraction = window.fraction(now)
+            if fraction is not None:
+                share = min(share, fraction)
+        return share
+
+    # ---- changing ---------------------------------------------------------------------
+
+    def lease(self, now: float, tokens: int, *, long: bool = False) -> Lease:
+        """A request is being sent with this credential (``long``: on its long-context lane)."""
+        if not self.proven and not self.in_flight:
+            self.probation_until = now + PROBATION_S
+        if long:
+            if not self.long_proven and not self.long_in_flight:
+                self.long_probation_until = now + PROBATION_S
+            self.long_in_flight += 1
+        self.in_flight += 1
+        self.uses += 1
+        self.last_used = now
+        lease = Lease(tokens, self.requests.spend(1, now), self.tokens.spend(tokens, now), long)
+        if self.rpm is not None:
+            self.rpm.spend(1, now)
+        if self.tpm is not None:
+            self.tpm.spend(tokens, now)
+        if self.current_health(now) is Health.DISABLED:
+            self.probing = True
+        return lease
+
+    def release(self, lease: Lease | None = None) -> None:
+        """A request ended; on its own (cancelled) this says nothing about the key."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.probing = False
+        if lease is not None:
+            if lease.long:
+                self.long_in_flight = max(0, self.long_in_flight - 1)
+            self.requests.answer(1)
+            self.tokens.answer(lease.tokens)
+
+    def learn(self, limits: RateLimitReport | None, now: float, lease: Lease | None = None) -> None:
+        """Take the rate-limit headers of the reply to ``lease``."""
+        if limits is None:
+            return
+        if lease is None:
+            lease = Lease(0, self.requests.sent, self.tokens.sent)
+            amount = 0
+        else:
+            amount = 1
+        self.requests.learn(limits.requests, now, lease.requests_mark, amount)
+        self.tokens.learn(
+            limits.tokens or limits.input_tokens, now, lease.tokens_mark, lease.tokens
+        )
+
+    def succeeded(
+        self,
+        now: float,
+        latency_ms: float,
+        limits: RateLimitReport | None,
+        lease: Lease | None = None,
+    ) -> Health:
+        """A request on this credential succeeded; returns the health before, for logging."""
+        before = self.current_health(now)
+        self.learn(limits, now, lease)
+        self.release(lease)
+        self.successes += 1
+        self.proven = True
+        self.backoff_level = 0
+        if lease is not None and lease.long:
+            self.long_proven = True
+            self.long_lane_level = 0
+        self.latency_ms = (
+            latency_ms if self.latency_ms is None else 0.8 * self.latency_ms + 0.2 * latency_ms
+        )
+        if before is not Health.READY or self.health is not Health.READY:
+            self.health = Health.READY
+            self.until = 0.0
+            self.reason = ""
+        return before
+
+    def failed(
+        self, failure: Failure, now: float, rng: random.Random, lease: Lease | None = None
+    ) -> None:
+        """Apply the router action of README.md's failure-class table to this credential."""
+        self.learn(failure.limits, now, lease)
+        self.release(lease)
+        cls = failure.cls
+        if cls is FailureClass.RATE_LIMITED:
+            self.failures += 1
+            self.proven = True  # the provider knows the key: it counted it against a window
+            if failure.oversized:
+                return
+            self._cool(now, failure.retry_after, rng, f"rate limited ({failure.status or 429})")
+        elif cls is FailureClass.LONG_CONTEXT_LIMITED:
+            self.failures += 1
+            self.proven = True  # the provider knows the key; only its long lane is shut
+            wait = failure.retry_after
+            if wait is None:
+                wait = _backoff(self.long_lane_level, rng)
+                self.long_lane_level += 1
+            self.long_lane_until = now + max(wait, MIN_COOLDOWN_S)
+        elif cls is FailureClass.QUOTA_EXHAUSTED:
+            self.failures += 1
+            park = failure.retry_after if failure.retry_after is not None else self.quota_park_s
+            self.health = Health.PARKED
+            self.until = now + park
+            self.reason = "quota exhausted"
+        elif cls is FailureClass.AUTH_FAILED:
+            self.failures += 1
+            self.health = Health.DISABLED
+            self.until = now + self.auth_probe_s
+            self.reason = f"auth failed ({failure.status or 401})"
+        # target_down, context_overflow and bad_request say nothing about the key.
+
+    def _cool(self, now: float, hint: float | None, rng: random.Random, reason: str) -> None:
+        if hint is None:
+            hint = _backoff(self.backoff_level, rng)
+            self.backoff_level += 1
+        previous = self.until if self.health is Health.COOLING else 0.0
+        self.health = Health.COOLING
+        self.until = max(previous, now + max(hint, MIN_COOLDOWN_S))
+        self.reason = reason
+        # The window is full: until its reset, our local estimate must say so too.
+        if self.requests.remaining is not None:
+            self.requests.remaining = 0
+            self.requests.reset_at = max(self.requests.reset_at, self.until)
+
+    def long_lane_open(self, now: float) -> bool:
+        """Whether long-context requests may use this credential now."""
+        return now >= self.long_lane_until
+
+
+def _backoff(level: int, rng: random.Random) -> float:
+    """Exponential backoff with jitter (0.75-1.0 of the step), as the official SDKs do it."""
+    return float(min(BACKOFF_BASE_S * 2**level, BACKOFF_MAX_S) * rng.uniform(0.75, 1.0))

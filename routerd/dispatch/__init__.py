@@ -1,0 +1,1 @@
+"""The dispatcher: the async layer that runs a request's attempts and waits for capacity."""

@@ -1,0 +1,112 @@
+"""One attempt's values: the Call it sends, and what its result settles and records.
+
+Pure functions over a Candidate (which target, which credential) and a provider's runtime
+settings; the dispatcher awaits the call between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from routerd.core import routing as core
+from routerd.core.calls import Attempt, Call, Completion, Reply
+from routerd.core.errors import Refused
+from routerd.core.outcome import Failure, FailureClass
+from routerd.core.plan import Candidate
+from routerd.upstream.base import Adapter
+
+
+@dataclass(slots=True)
+class ProviderRuntime:
+    """What an attempt needs from a provider besides its credentials."""
+
+    name: str
+    adapter: Adapter
+    base_url: str
+    timeout_s: float
+    headers: dict[str, str]
+
+
+def merge_tool_calls(merged: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
+    """Fold OpenAI-style tool-call deltas (keyed by index) into whole tool calls."""
+    for delta in deltas:
+        index = delta.get("index", len(merged))
+        while len(merged) <= index:
+            merged.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+        call = merged[index]
+        if delta.get("id"):
+            call["id"] = delta["id"]
+        function = delta.get("function") or {}
+        if function.get("name"):
+            call["function"]["name"] += function["name"]
+        if function.get("arguments"):
+            call["function"]["arguments"] += function["arguments"]
+
+
+def _merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
+    """``extra`` over ``base``; list-valued beta headers are joined, not replaced."""
+    merged = dict(base)
+    for name, value in extra.items():
+        current = merged.get(name)
+        merged[name] = f"{current},{value}" if current and name.endswith("-beta") else value
+    return merged
+
+
+def build_call(
+    provider: ProviderRuntime, candidate: Candidate, key: str, body: dict[str, Any]
+) -> Call:
+    headers = provider.headers
+    if candidate.long and candidate.target.long_context_headers:
+        headers = _merge_headers(headers, candidate.target.long_context_headers)
+    return Call(
+        base_url=provider.base_url,
+        model=candidate.target.model,
+        key=key,
+        body=body,
+        timeout=provider.timeout_s,
+        headers=headers,
+    )
+
+
+def settled_outcome(result: Completion | Failure | None, latency_ms: float) -> core.Outcome:
+    """What the core settles for an attempt that ended with ``result`` (None: cancelled)."""
+    if result is None:
+        return core.CANCELLED
+    if isinstance(result, Failure):
+        return result
+    return core.Success(latency_ms, result.limits, result.usage.get("prompt_tokens", 0))
+
+
+def record(
+    candidate: Candidate,
+    result: Completion | Failure,
+    latency_ms: float,
+    delivered: bool,
+    attempts: list[Attempt],
+) -> Reply | Failure:
+    """Record a settled attempt; the reply, or the failure when another attempt may follow."""
+    target, label = candidate.target, candidate.credential.label
+    if isinstance(result, Failure):
+        kind, message = result.cls.value, result.message
+        attempts.append(Attempt(target.name, label, kind, result.status, latency_ms, message))
+        if delivered or result.cls is FailureClass.BAD_REQUEST:
+            # A stream that already reached the client cannot move elsewhere, and a bad
+            # request would fail the same way anywhere.
+            if delivered:
+                message = f"stream failed after it began: {message}"
+            details = result.details or None
+            raise Refused(kind, message, attempts, result.retry_after, details) from None
+        return result
+    attempts.append(Attempt(target.name, label, "ok", 200, latency_ms))
+    return Reply(
+        text=result.text,
+        model=result.model or target.model,
+        provider=target.provider,
+        credential=label,
+        target=target.name,
+        usage=result.usage,
+        attempts=attempts,
+        finish_reason=result.finish_reason,
+        tool_calls=result.tool_calls,
+    )

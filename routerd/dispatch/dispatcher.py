@@ -1,0 +1,411 @@
+"""The dispatcher: runs one request through its plan, attempt by attempt, until one succeeds.
+
+The routing core (``core/routing.py``) begins each attempt (the lease, in the same event-loop
+step as the plan) and settles it; the dispatcher calls the upstream adapter in between
+(``attempt.py`` builds the call and records its result) and hands the events the core
+returns to the log, the credential's actor and the waiters. Key
+switches are free; re-trying targets that already failed uses the route's retry budget.
+When nothing is free the request waits in the route's fair queue (``queue.py``) for the
+earliest reset inside its deadline. Routes for provider/model names that no route names
+are made on demand and kept within bounds (``routes.py``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import anyio
+import structlog
+
+from routerd.core import routing as core
+from routerd.core.calls import Attempt, Call, Completion, Delta, Reply
+from routerd.core.errors import Refused
+from routerd.core.outcome import Failure, UpstreamFailure
+from routerd.core.plan import Candidate, Exclusions, Plan, Target, plan
+from routerd.core.tokens import estimate_prompt, output_allowance
+from routerd.dispatch.actor import CredentialActor
+from routerd.dispatch.attempt import (
+    ProviderRuntime,
+    build_call,
+    merge_tool_calls,
+    record,
+    settled_outcome,
+)
+from routerd.dispatch.queue import Waiter, give_up, hopeless
+from routerd.dispatch.routes import Route, RouteTable
+from routerd.upstream.base import Adapter
+
+log = structlog.get_logger("routerd.dispatch")
+
+OnDelta = Callable[[Delta], Awaitable[None]]
+# However many keys and targets a route has, one request makes at most this many attempts.
+MAX_ATTEMPTS = 32
+# Called once per finished request: (route, target of the last attempt or None, outcome,
+# latency in seconds of that last upstream attempt). The metrics hang on it.
+Observer = Callable[[str, str | None, str, float], None]
+
+
+@dataclass(slots=True)
+class _Job:
+    """One request as the dispatcher works it: what it asks for, and what it tried so far."""
+
+    route: Route
+    request: dict[str, Any]
+    stream: bool
+    on_delta: OnDelta | None
+    deadline_at: float
+    # (priority, client): its place among the route's waiters.
+    sender: tuple[int, str]
+    prompt: int = 0
+    tokens: int = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    exclusions: Exclusions = field(default_factory=Exclusions)
+    retries_left: int = 0
+    last_failure: Failure | None = None
+
+    def retry_round(self) -> bool:
+        """Every target failed this request once: the retry budget pays for another round,
+        which the breakers pace (an open breaker makes it wait)."""
+        if not (self.exclusions.down and self.retries_left > 0):
+            return False
+        if not _all_excluded(self.route, self.exclusions):
+            return False
+        self.retries_left -= 1
+        self.exclusions.down.clear()
+        return True
+
+    def beyond_help(self, decision: Plan) -> bool:
+        """Whether to give up now rather than wait. A long request whose lanes all cool past
+        its deadline is told at once (hopeless), so the agent can compact and resend."""
+        return (
+            len(self.attempts) >= MAX_ATTEMPTS
+            or _all_excluded(self.route, self.exclusions)
+            or hopeless(decision, self.deadline_at)
+        )
+
+
+class Dispatcher:
+    """Routes requests over chains of targets served by pools of credential actors."""
+
+    def __init__(
+        self,
+        routes: dict[str, Route],
+        targets: dict[str, Target],
+        actors: dict[tuple[str, str], CredentialActor],
+        providers: dict[str, ProviderRuntime],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        on_change: Callable[[], None] = lambda: None,
+        default_deadline_s: float = 120.0,
+        observer: Observer | None = None,
+        make_target: Callable[[str], Target | None] | None = None,
+        max_adhoc_targets: int = 256,
+        adhoc_idle_s: float = 600.0,
+        on_drop: Callable[[str], None] = lambda name: None,
+    ) -> None:
+        self._table = RouteTable(
+            routes,
+            targets,
+            make_target,
+            deadline_s=default_deadline_s,
+            limit=max_adhoc_targets,
+            idle_s=adhoc_idle_s,
+            on_drop=on_drop,
+        )
+        self.actors = actors
+        self.providers = providers
+        self.in_flight = 0
+        self._clock = clock
+        self._rng = rng or random.Random()
+        # Every change of credential and breaker state on the request path happens here.
+        self.core = core.RoutingCore(self._rng)
+        self.rotations = self.core.rotations
+        self._on_change = on_change
+        self._observer = observer
+        self._idle: anyio.Event | None = None
+        # The routes that had waiters since the last notify: only they need a look.
+        self._queued: dict[str, Route] = {}
+
+    # ---- routes -----------------------------------------------------------------------
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        """Every route by name: the config's and the ad-hoc ones."""
+        return self._table.routes
+
+    @routes.setter
+    def routes(self, routes: dict[str, Route]) -> None:
+        self._table.routes = routes
+
+    @property
+    def targets(self) -> dict[str, Target]:
+        """Every target by name: the config's and the ad-hoc ones."""
+        return self._table.targets
+
+    @targets.setter
+    def targets(self, targets: dict[str, Target]) -> None:
+        self._table.targets = targets
+
+    def resolve(self, name: str) -> Route:
+        """The route named ``name``, or a one-target route for a "provider/model" name.
+
+        A target no route names is ad hoc: kept while used, dropped once unused for
+        server.adhoc_idle_s, and at most server.max_adhoc_targets of them at once.
+        """
+        return self._table.resolve(name, self._clock())
+
+    def configure(
+        self,
+        *,
+        default_deadline_s: float,
+        max_adhoc_targets: int,
+        adhoc_idle_s: float,
+        configured: Iterable[str] = (),
+    ) -> None:
+        """Take a reloaded config's settings; targets it names stop being ad hoc."""
+        self._table.configure(default_deadline_s, max_adhoc_targets, adhoc_idle_s, configured)
+
+    def sweep(self, now: float | None = None) -> None:
+        """Drop the ad-hoc targets that no request used for server.adhoc_idle_s."""
+        self._table.sweep(self._clock() if now is None else now)
+
+    async def wait_idle(self) -> None:
+        """Return once no request is in flight (the drain on shutdown waits on this)."""
+        if self.in_flight:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # ---- waking waiters ---------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Capacity may have freed up: on each route, wake the one waiter that may use it."""
+        now = self._clock()
+        for name, route in list(self._queued.items()):
+            if route.queue:
+                route.queue.kick(self._assess(route), now)
+            else:
+                del self._queued[name]
+
+    def _assess(self, route: Route) -> Callable[[int, int, Exclusions, float], Plan]:
+        def assess(tokens: int, prompt: int, exclusions: Exclusions, now: float) -> Plan:
+            return plan(
+                route.chain,
+                tokens,
+                now,
+                prompt_tokens=prompt,
+                exclusions=exclusions,
+                rotations=self.rotations,
+                rng=self._rng,
+            )
+
+        return assess
+
+    # ---- one request ------------------------------------------------------------------
+
+    async def chat(
+        self,
+        route_name: str,
+        request: dict[str, Any],
+        *,
+        stream: bool = False,
+        deadline: float | None = None,
+        priority: int = 0,
+        on_delta: OnDelta | None = None,
+        client: str = "",
+        prompt_tokens: int | None = None,
+    ) -> Reply:
+        """Serve one request on a route; raises Refused when it cannot be served.
+
+        ``client`` names who sent it (a connection or a peer process), so that waiting
+        requests are served fairly across clients. ``prompt_tokens`` is the prompt's
+        estimate when the front has made it already (one walk over a long prompt, not two).
+        """
+        route = self.resolve(route_name)
+        budget = route.deadline_s if deadline is None else deadline
+        if not budget > 0:
+            raise Refused("bad_request", f"deadline must be positive, got {deadline}")
+        started = self._clock()
+        job = _Job(route, request, stream, on_delta, started + budget, (priority, client))
+        job.retries_left = route.retries
+        self.in_flight += 1
+        route.active += 1
+        outcome = "cancelled"
+        try:
+            with anyio.move_on_after(budget):
+                job.prompt = estimate_prompt(request) if prompt_tokens is None else prompt_tokens
+                job.tokens = job.prompt + output_allowance(request)
+                reply = await self._serve(job)
+                outcome = "ok"
+                return reply
+            outcome = "deadline_exceeded"
+            message = f"route {route.name!r}: no reply within the deadline of {budget:g} s"
+            raise Refused(outcome, message, job.attempts)
+        except Refused as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            self._finished(job, outcome, started)
+
+    def _finished(self, job: _Job, outcome: str, started: float) -> None:
+        """A request ended: free its place, log its one line, tell the observer."""
+        self.in_flight -= 1
+        job.route.active -= 1
+        self._table.used(job.route, self._clock())
+        if not self.in_flight and self._idle is not None:
+            self._idle.set()
+        last = job.attempts[-1] if job.attempts else None
+        log.info(
+            "request",
+            route=job.route.name,
+            outcome=outcome,
+            stream=job.stream,
+            target=last.target if last else None,
+            credential=last.credential if last else None,
+            attempts=len(job.attempts),
+            ms=round((self._clock() - started) * 1000, 2),
+        )
+        if self._observer is not None:
+            upstream_s = (last.latency_ms or 0.0) / 1000 if last else 0.0
+            self._observer(job.route.name, last.target if last else None, outcome, upstream_s)
+
+    async def _serve(self, job: _Job) -> Reply:
+        """Attempt candidates in plan order, waiting in the route's queue when none is free."""
+        route = job.route
+        queue, assess = route.queue, self._assess(route)
+        waiter: Waiter | None = None
+
+        def wait_in_line() -> Waiter:
+            """This request's place in the queue (taken now, if it has none), not yet granted."""
+            if waiter is not None:
+                waiter.granted = False
+                return waiter
+            queued = Waiter(*job.sender, job.tokens, job.prompt, job.exclusions, job.deadline_at)
+            queue.push(queued)
+            self._queued[route.name] = route
+            return queued
+
+        try:
+            if queue:
+                # Others already wait on this route: take a fair place among them, not the
+                # front, and go when a walk of the queue says so.
+                waiter = wait_in_line()
+                queue.kick(assess, self._clock())
+                await queue.wait(waiter, assess, self._clock)
+            while True:
+                now = self._clock()
+                decision = assess(job.tokens, job.prompt, job.exclusions, now)
+                if decision.candidates and len(job.attempts) < MAX_ATTEMPTS:
+                    leased = None
+                    if waiter is not None:
+                        queue.remove(waiter, served=True)
+                        waiter = None
+                        # Once this lease is taken, the next waiter may use what is left.
+                        leased = partial(queue.kick, assess, now)
+                    outcome = await self._attempt(decision.candidates[0], job, leased)
+                    if isinstance(outcome, Reply):
+                        return outcome
+                    continue
+                if job.retry_round():
+                    continue
+                if job.beyond_help(decision):
+                    raise give_up(
+                        route.name, decision, job.attempts, job.last_failure, now, job.tokens
+                    )
+                waiter = wait_in_line()
+                queue.kick(assess, now)
+                await queue.wait(waiter, assess, self._clock)
+        finally:
+            if waiter is not None:
+                queue.leave(waiter, assess, self._clock())
+
+    async def _attempt(
+        self, candidate: Candidate, job: _Job, leased: Callable[[], None] | None = None
+    ) -> Reply | Failure:
+        """One call with one credential, begun and settled by the core; a Failure means
+        try again. ``leased`` runs once the credential is leased, before the first await.
+        """
+        target, label = candidate.target, candidate.credential.label
+        actor = self.actors[(candidate.credential.provider, label)]
+        provider = self.providers[target.provider]
+        delivered = False
+
+        async def deliver(delta: Delta) -> None:
+            nonlocal delivered
+            delivered = True
+            if job.on_delta is not None:
+                await job.on_delta(delta)
+
+        ticket, events = self.core.begin(candidate, self._clock(), job.tokens, job.prompt)
+        # Ending before a reply or a classified failure (client gone, Cancel frame,
+        # deadline) is a cancel: either way the finally settles the attempt exactly once.
+        result: Completion | Failure | None = None
+        try:
+            if events:
+                self._on_events(actor, events)
+            if leased is not None:
+                leased()
+            call = build_call(provider, candidate, actor.secret.key, job.request)
+            try:
+                if job.stream:
+                    result = await self._stream(provider.adapter, call, deliver)
+                else:
+                    result = await provider.adapter.complete(call)
+            except UpstreamFailure as exc:
+                result = exc.failure
+        finally:
+            done = self._clock()
+            latency_ms = (done - ticket.started) * 1000
+            outcome = settled_outcome(result, latency_ms)
+            self._on_events(actor, self.core.settle(ticket, outcome, done))
+        settled = record(candidate, result, round(latency_ms, 2), delivered, job.attempts)
+        if isinstance(settled, Failure):
+            job.last_failure = settled
+            core.rule_out(candidate, settled, job.exclusions)
+        return settled
+
+    def _on_events(self, actor: CredentialActor, events: list[core.Event]) -> None:
+        """Hand what the core did to the credential's actor and the log, then wake waiters
+        (once: the actor's log of the same events wakes no one).
+        """
+        for event in events:
+            if isinstance(event, core.BreakerOpened | core.BreakerSuspect):
+                name = "opened" if isinstance(event, core.BreakerOpened) else "suspect"
+                log.info(
+                    f"breaker_{name}", target=event.target, was=event.was.value, reason=event.reason
+                )
+            elif isinstance(event, core.BreakerClosed):
+                log.info("breaker_closed", target=event.target, was=event.was.value, reason="")
+            elif isinstance(event, core.BreakerHalfOpen):
+                log.debug("breaker_half_open", target=event.target)
+            else:
+                actor.report(event)
+        self._on_change()
+
+    async def _stream(self, adapter: Adapter, call: Call, deliver: OnDelta) -> Completion:
+        parts: list[str] = []
+        tool_calls: list[dict[str, Any]] = []
+        async with adapter.stream(call) as upstream:
+            async for delta in upstream:
+                if delta.text:
+                    parts.append(delta.text)
+                if delta.tool_calls:
+                    merge_tool_calls(tool_calls, delta.tool_calls)
+                await deliver(delta)
+            return Completion(
+                text="".join(parts),
+                model=upstream.model,
+                finish_reason=upstream.finish_reason,
+                usage=upstream.usage,
+                limits=upstream.limits,
+                tool_calls=tool_calls or None,
+            )
+
+
+def _all_excluded(route: Route, exclusions: Exclusions) -> bool:
+    return all(exclusions.excludes(target.name) for target in route.chain)

@@ -1,0 +1,422 @@
+"""The HTTP front's ASGI app: a small router over the OpenAI and Anthropic endpoints.
+
+No framework: six endpoints, each a function of a decoded body; what a framework would add
+(routing tables, request objects, middleware) costs more code than it saves here.
+
+    POST /v1/chat/completions      OpenAI chat (stream or not)
+    POST /v1/messages              Anthropic Messages (stream or not)
+    POST /v1/messages/count_tokens routerd's token estimate, in Anthropic's shape
+    GET  /v1/models[/{id}]         routes, then targets (Anthropic's list shape when the
+                                   request carries anthropic-version)
+    GET  /metrics                  Prometheus text
+    GET  /healthz                  200 while serving, 503 while draining
+
+A response starts only when the dispatcher has something to say: a stream's headers leave
+with its first delta, so every failure before it (fallbacks included) can still be a
+proper HTTP error that the SDKs turn into their own exception types.
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import anyio
+import structlog
+
+from routerd import __version__
+from routerd.core.calls import Delta, Reply
+from routerd.core.errors import Refused
+from routerd.core.tokens import estimate_prompt
+from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fronts.budget import BudgetExhausted, BufferBudget
+from routerd.fronts.http import anthropic_shape, openai_shape
+from routerd.fronts.http.body import BodyTimeout, BodyTooLarge, read_body
+from routerd.fronts.http.connections import CLIENT_KEY
+from routerd.fronts.http.errors import HttpError, front_error, routed_error
+from routerd.fronts.http.metrics import CONTENT_TYPE, Metrics
+from routerd.fronts.http.wire import JSON, SSE, Api, ShapeError, encode, served_by
+
+log = structlog.get_logger("routerd.front")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class StreamEncoder(Protocol):
+    """Turns a reply into one API's stream, piece by piece."""
+
+    def opening(self) -> bytes: ...
+    def delta(self, delta: Delta) -> bytes: ...
+    def closing(self, reply: Reply) -> bytes: ...
+    def error(self, error: HttpError) -> bytes: ...
+
+
+@dataclass(eq=False)
+class FrontState:
+    """What every listener's app shares: the dispatcher, metrics, the buffer budget that
+    bodies still arriving draw on, and the requests in flight."""
+
+    dispatcher: Dispatcher
+    metrics: Metrics
+    draining: Callable[[], bool]
+    max_body: int
+    budget: BufferBudget
+    read_timeout_s: float = 30.0
+    active: set[anyio.CancelScope] = field(default_factory=set)
+    stopping: bool = False
+
+    def cancel_all(self) -> None:
+        """Shutting down past the drain: end every request still running (and its upstream call)."""
+        self.stopping = True
+        for scope in list(self.active):
+            scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class _Chat:
+    """One chat request in the dispatcher's terms, and how to answer it in its API's shape."""
+
+    api: Api
+    route: str
+    body: dict[str, Any]
+    stream: bool
+    encoder: StreamEncoder
+    render: Callable[[Reply], bytes]
+    # The prompt's estimate when the front needed it already; the dispatcher reuses it.
+    prompt_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    client: str  # who sent it, the dispatcher's fairness key
+
+
+class FrontApp:
+    """The ASGI app of one listener; ``token`` is required on TCP, None on the Unix socket."""
+
+    def __init__(self, state: FrontState, *, token: str | None) -> None:
+        self.state = state
+        self._token = token.encode() if token is not None else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one HTTP request (lifespan and websocket scopes are not enabled)."""
+        if scope["type"] != "http":
+            return
+        request = _Request(
+            method=scope["method"],
+            path=scope["path"],
+            headers={
+                name.decode("latin-1").lower(): value.decode("latin-1")
+                for name, value in scope.get("headers", [])
+            },
+            client=_client_of(scope),
+        )
+        api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
+        if self._token is not None and not self._authorized(request.headers):
+            await _reply_error(
+                send,
+                front_error(
+                    api,
+                    "unauthenticated",
+                    "routerd needs its token: send Authorization: Bearer <token> or "
+                    "x-api-key: <token> (the value of the variable server.http_token_env names)",
+                ),
+            )
+            return
+        try:
+            await self._route(request, api, receive, send)
+        except BodyTooLarge:
+            message = f"the request body exceeds server.max_frame ({self.state.max_body} bytes)"
+            await _reply_error(send, front_error(api, "request_too_large", message), close=True)
+        except BodyTimeout:
+            message = (
+                f"the request body did not arrive whole within server.read_timeout_s "
+                f"({self.state.read_timeout_s:g} s)"
+            )
+            await _reply_error(send, front_error(api, "request_timeout", message), close=True)
+        except BudgetExhausted as exc:
+            error = front_error(api, "unavailable", str(exc), retry=True)
+            await _reply_error(send, error, retry_after_s=1, close=True)
+        except ShapeError as exc:
+            await _reply_error(send, front_error(api, "bad_request", str(exc)))
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        assert self._token is not None
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        offered = [headers.get("x-api-key", "")]
+        if scheme.lower() == "bearer":
+            offered.append(credential.strip())
+        # compare_digest on every candidate: the time taken says nothing about the token.
+        matches = [hmac.compare_digest(o.encode(), self._token) for o in offered if o]
+        return any(matches)
+
+    async def _route(self, request: _Request, api: Api, receive: Receive, send: Send) -> None:
+        path, method = request.path, request.method
+        handlers: dict[str, Callable[[], Awaitable[None]]] = {}
+        if path == "/v1/chat/completions":
+            handlers["POST"] = lambda: self._openai_chat(request, receive, send)
+        elif path == "/v1/messages":
+            handlers["POST"] = lambda: self._anthropic_chat(request, receive, send)
+        elif path == "/v1/messages/count_tokens":
+            handlers["POST"] = lambda: self._count_tokens(request, receive, send)
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
+            handlers["GET"] = lambda: self._models(request, send)
+        elif path == "/metrics":
+            handlers["GET"] = lambda: self._metrics(send)
+        elif path == "/healthz":
+            handlers["GET"] = lambda: self._healthz(send)
+        handler = handlers.get(method)
+        if handler is not None:
+            await handler()
+        elif handlers:
+            message = f"{method} is not allowed on {path}; use {', '.join(handlers)}"
+            await _reply_error(send, front_error(api, "method_not_allowed", message))
+        else:
+            await _reply_error(send, front_error(api, "not_found", f"no such path: {path}"))
+
+    # ---- chat -------------------------------------------------------------------------
+
+    async def _openai_chat(self, request: _Request, receive: Receive, send: Send) -> None:
+        body = await self._read_body(request, receive)
+        if body is None:
+            return
+        chat = openai_shape.parse_chat(body)
+        call = _Chat(
+            api="openai",
+            route=chat.route,
+            body=chat.body,
+            stream=chat.stream,
+            encoder=openai_shape.ChunkEncoder(chat.route, include_usage=chat.include_usage),
+            render=openai_shape.completion,
+        )
+        await self._chat(call, request, receive, send)
+
+    async def _anthropic_chat(self, request: _Request, receive: Receive, send: Send) -> None:
+        body = await self._read_body(request, receive)
+        if body is None:
+            return
+        messages = anthropic_shape.parse_messages(body)
+        chat = anthropic_shape.chat_body(messages)
+        # message_start reports the prompt's size; the dispatcher plans with the same estimate.
+        prompt_tokens = estimate_prompt(chat)
+        call = _Chat(
+            api="anthropic",
+            route=messages.model,
+            body=chat,
+            stream=bool(messages.stream),
+            encoder=anthropic_shape.EventEncoder(messages.model, prompt_tokens),
+            render=anthropic_shape.message,
+            prompt_tokens=prompt_tokens,
+        )
+        await self._chat(call, request, receive, send)
+
+    async def _chat(self, call: _Chat, request: _Request, receive: Receive, send: Send) -> None:
+        """Run one request through the dispatcher and answer it in its API's shape."""
+        api, encoder, stream = call.api, call.encoder, call.stream
+        if self.state.draining():
+            error = front_error(api, "unavailable", "routerd is shutting down", retry=True)
+            await _reply_error(send, error, retry_after_s=1)
+            return
+        deadline, priority = _routing_headers(request.headers)
+        started = False
+
+        async def on_delta(delta: Delta) -> None:
+            nonlocal started
+            data = encoder.delta(delta)
+            if not data:
+                return
+            if not started:
+                started = True
+                await _start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                data = encoder.opening() + data
+            await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def dispatch() -> Reply:
+            return await self.state.dispatcher.chat(
+                call.route,
+                call.body,
+                stream=stream,
+                deadline=deadline,
+                priority=priority,
+                on_delta=on_delta if stream else None,
+                client=request.client,
+                prompt_tokens=call.prompt_tokens,
+            )
+
+        outcome, gone = await self._guarded(receive, dispatch)
+        if gone:
+            return  # the client left; its upstream call was cancelled with it
+        if isinstance(outcome, Reply):
+            if not stream:
+                content = call.render(outcome)
+                await _start(send, 200, [JSON, *served_by(outcome), _length(content)])
+                await send({"type": "http.response.body", "body": content})
+                return
+            head = b""
+            if not started:
+                await _start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                head = encoder.opening()
+            await send({"type": "http.response.body", "body": head + encoder.closing(outcome)})
+            return
+        if outcome is None:
+            error = front_error(api, "unavailable", "routerd is shutting down", retry=True)
+        else:
+            error = routed_error(api, outcome)
+        if started:
+            await send({"type": "http.response.body", "body": encoder.error(error)})
+        else:
+            await _reply_error(send, error)
+
+    async def _guarded(
+        self, receive: Receive, dispatch: Callable[[], Awaitable[Reply]]
+    ) -> tuple[Reply | Refused | None, bool]:
+        """(outcome, client gone); the outcome is None when the front cancelled it to stop.
+
+        ASGI servers do not cancel an app whose client left; they only tell ``receive``.
+        So the request runs beside a watcher that cancels it (and its upstream call) then.
+        """
+        outcome: Reply | Refused | None = None
+        gone = False
+        async with anyio.create_task_group() as tg:
+            self.state.active.add(tg.cancel_scope)
+            try:
+
+                async def watch() -> None:
+                    nonlocal gone
+                    # The body is read: receive() now returns only once the client is gone.
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    gone = True
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                try:
+                    outcome = await dispatch()
+                except Refused as exc:
+                    outcome = exc
+                except Exception:
+                    log.exception("http_request_crashed")
+                    outcome = Refused("internal", "routerd failed on this request")
+                tg.cancel_scope.cancel()
+            finally:
+                self.state.active.discard(tg.cancel_scope)
+        return outcome, gone
+
+    async def _read_body(self, request: _Request, receive: Receive) -> bytes | None:
+        """The whole body within the budget and the read timeout; None if the client left."""
+        return await read_body(
+            receive,
+            request.headers.get("content-length"),
+            limit=self.state.max_body,
+            budget=self.state.budget,
+            timeout_s=self.state.read_timeout_s,
+        )
+
+    # ---- the rest ---------------------------------------------------------------------
+
+    async def _count_tokens(self, request: _Request, receive: Receive, send: Send) -> None:
+        body = await self._read_body(request, receive)
+        if body is None:
+            return
+        chat = anthropic_shape.chat_body(anthropic_shape.parse_messages(body))
+        await _reply_json(send, 200, encode({"input_tokens": estimate_prompt(chat)}))
+
+    async def _models(self, request: _Request, send: Send) -> None:
+        dispatcher = self.state.dispatcher
+        targets = [(name, t.provider) for name, t in dispatcher.targets.items()]
+        routes = [name for name in dispatcher.routes if name not in dispatcher.targets]
+        wanted = request.path.removeprefix("/v1/models").removeprefix("/")
+        if wanted:
+            owners = {**dict.fromkeys(routes, "routerd"), **dict(targets)}
+            if wanted not in owners:
+                message = f"The model '{wanted}' does not exist (not a route or a target)"
+                await _reply_error(send, front_error("openai", "not_found", message))
+                return
+            await _reply_json(send, 200, openai_shape.model_card(wanted, owners[wanted]))
+        elif "anthropic-version" in request.headers:
+            await _reply_json(send, 200, anthropic_shape.model_list(routes, targets))
+        else:
+            await _reply_json(send, 200, openai_shape.model_list(routes, targets))
+
+    async def _metrics(self, send: Send) -> None:
+        content = self.state.metrics.render()
+        await _start(send, 200, [(b"content-type", CONTENT_TYPE.encode()), _length(content)])
+        await send({"type": "http.response.body", "body": content})
+
+    async def _healthz(self, send: Send) -> None:
+        draining = self.state.draining()
+        body = {
+            "status": "draining" if draining else "ok",
+            "version": __version__,
+            "in_flight": self.state.dispatcher.in_flight,
+            "buffer_budget": {"used": self.state.budget.used, "limit": self.state.budget.limit},
+        }
+        await _reply_json(send, 503 if draining else 200, encode(body))
+
+
+def _routing_headers(headers: dict[str, str]) -> tuple[float | None, int]:
+    """x-routerd-deadline (seconds) and x-routerd-priority, which SDKs send as extra headers."""
+    deadline: float | None = None
+    priority = 0
+    raw = headers.get("x-routerd-deadline")
+    if raw is not None:
+        try:
+            deadline = float(raw)
+        except ValueError:
+            deadline = math.nan
+        if not (math.isfinite(deadline) and deadline > 0):
+            raise ShapeError(f"x-routerd-deadline must be a positive number of seconds: {raw!r}")
+    raw = headers.get("x-routerd-priority")
+    if raw is not None:
+        try:
+            priority = int(raw)
+        except ValueError:
+            raise ShapeError(f"x-routerd-priority must be an integer: {raw!r}") from None
+    return deadline, priority
+
+
+def _client_of(scope: Scope) -> str:
+    """The sender's name: the peer's pid on the Unix socket, host:port on TCP."""
+    named = scope.get(CLIENT_KEY)
+    if isinstance(named, str):
+        return named
+    client = scope.get("client")
+    if client:
+        return f"tcp:{client[0]}:{client[1]}"
+    return "http"
+
+
+def _length(content: bytes) -> tuple[bytes, bytes]:
+    return (b"content-length", str(len(content)).encode())
+
+
+async def _start(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+
+
+async def _reply_json(send: Send, status: int, content: bytes) -> None:
+    await _start(send, status, [JSON, _length(content)])
+    await send({"type": "http.response.body", "body": content})
+
+
+async def _reply_error(
+    send: Send, error: HttpError, *, retry_after_s: int | None = None, close: bool = False
+) -> None:
+    """Send ``error``; ``close`` when the rest of the request will not be read."""
+    content = error.encode()
+    headers = [*error.headers, _length(content)]
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
+    if close:
+        headers.append((b"connection", b"close"))
+    await _start(send, error.status, headers)
+    await send({"type": "http.response.body", "body": content})

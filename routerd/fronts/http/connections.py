@@ -1,0 +1,278 @@
+"""The HTTP front's connections: cap per listener, request-head timeout, peer check, name.
+
+Also one log line per interval for accept() failures and refusals. uvicorn has no cap that
+bounds descriptors (``limit_concurrency`` still accepts every socket and answers 503 on it,
+keeping it open) and no timeout for a request head, so both live in a subclass of its
+httptools protocol, which sees each connection as it is made. The subclass goes in through
+``uvicorn.Config(http=...)``, uvicorn's documented way to choose the protocol class, and the
+sockets through ``Server.serve(sockets=...)``; nothing else of uvicorn's is replaced but its
+signal handlers (``serve.py`` says why).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from routerd.fronts.peers import PeerPolicy, peer_of
+
+log = structlog.get_logger("routerd.front")
+
+# A flood repeats the same event thousands of times a second: one line per this long says it.
+LOG_INTERVAL_S = 10.0
+
+# The ASGI scope key that names the sender of a request (Dispatcher.chat's fairness key).
+CLIENT_KEY = "routerd.client"
+
+# What asyncio's accept loop reports when accept() fails for want of descriptors or memory.
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+# It then retries that accept() this long after (asyncio.constants.ACCEPT_RETRY_DELAY).
+ACCEPT_RETRY_S = 1.0
+
+
+def _plain(status: bytes, message: bytes, *extra: bytes) -> bytes:
+    """A whole HTTP/1.1 response written before the ASGI app is involved; it closes."""
+    head = [
+        b"HTTP/1.1 " + status,
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: " + str(len(message)).encode(),
+        b"connection: close",
+        *extra,
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + message
+
+
+_REFUSED = _plain(
+    b"503 Service Unavailable",
+    b"routerd has server.max_connections connections open on this socket; retry shortly\n",
+    b"retry-after: 1",
+)
+_HEAD_TIMEOUT = _plain(
+    b"408 Request Timeout",
+    b"the request head did not arrive whole within server.read_timeout_s\n",
+)
+
+
+class Throttle:
+    """Lets one report through per ``interval_s`` and counts the ones it held back."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._next = -math.inf
+        self._held = 0
+
+    def admit(self) -> int | None:
+        """None to stay quiet; else how many reports were held back since the last one."""
+        now = self._clock()
+        if now < self._next:
+            self._held += 1
+            return None
+        self._next = now + self.interval_s
+        held, self._held = self._held, 0
+        return held
+
+
+@dataclass(eq=False)
+class Gate:
+    """The open connections of one kind of listener (Unix or TCP) and their cap."""
+
+    listener: str
+    cap: int
+    open: int = 0
+    refused: int = 0
+    throttle: Throttle = field(default_factory=lambda: Throttle(LOG_INTERVAL_S))
+
+    def enter(self) -> bool:
+        """Count a new connection in; False (and a rate-limited warning) when at the cap."""
+        if self.open >= self.cap:
+            self.refused += 1
+            held = self.throttle.admit()
+            if held is not None:
+                log.warning(
+                    "http_connection_refused",
+                    listener=self.listener,
+                    max_connections=self.cap,
+                    suppressed=held,
+                )
+            return False
+        self.open += 1
+        return True
+
+    def leave(self) -> None:
+        """A counted connection closed."""
+        self.open -= 1
+
+
+class FrontProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with routerd's connection cap, head timeout and peer check.
+
+    Overriding connection_made/connection_lost/data_received and the parser callbacks
+    on_message_begin/on_headers_complete relies on uvicorn's protocol class, not its public
+    API: it is the only place that sees a connection before a request exists, which is
+    where a descriptor cap and a head timeout must act.
+    """
+
+    gate: Gate
+    peers: PeerPolicy | None = None
+    head_timeout_s: float = 30.0
+
+    _admitted = False
+    _head_begun = False
+    _head_timer: asyncio.TimerHandle | None = None
+    _client: str | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        """Refuse past the cap or a peer not allowed; else serve, with the head timer running."""
+        super().connection_made(transport)
+        if not self.gate.enter():
+            # Said before hanging up, so an SDK reads a 503 (which it retries with backoff)
+            # rather than a reset; the descriptor is free again as soon as it is written.
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        self._admitted = True
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            peer = peer_of(sock)
+            if self.peers is not None and not self.peers.allows(peer):
+                log.warning("peer_refused", peer=peer, front="http")
+                transport.close()
+                return
+            self._client = f"pid:{peer.pid}" if peer is not None else None
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Stop the timer and give the connection's place back."""
+        self._disarm()
+        if self._admitted:
+            self._admitted = False
+            self.gate.leave()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Parse as usual; bytes that arrive while no request is served start the timer."""
+        super().data_received(data)
+        cycle = self.cycle
+        idle = cycle is None or cycle.response_complete
+        if idle and self._head_timer is None and not self.transport.is_closing():
+            # A partial head, or the unread rest of a body after its reply: either way no
+            # request runs that would end it, so it must end within read_timeout_s.
+            self._arm()
+
+    def on_message_begin(self) -> None:
+        """A request head begins: note it, and name its sender on the scope."""
+        super().on_message_begin()
+        self._head_begun = True
+        if self._client is not None:
+            scope: dict[str, Any] = self.scope  # type: ignore[assignment]
+            scope[CLIENT_KEY] = self._client
+
+    def on_headers_complete(self) -> None:
+        """The head is whole: its timer stops, and the app's body timeout takes over."""
+        self._head_begun = False
+        self._disarm()
+        super().on_headers_complete()
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if self._head_begun:
+            self.transport.write(_HEAD_TIMEOUT)
+        self.transport.close()
+
+
+def front_protocol(
+    gate: Gate, head_timeout_s: float, peers: PeerPolicy | None
+) -> type[FrontProtocol]:
+    """The protocol class uvicorn instantiates per connection, bound to one listener's gate."""
+    attributes = {"gate": gate, "head_timeout_s": head_timeout_s, "peers": peers}
+    return type("FrontProtocol", (FrontProtocol,), attributes)
+
+
+AsyncioHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+
+
+class AcceptErrors:
+    """asyncio's reports of a failed accept() on the front's sockets, at most one a interval.
+
+    When descriptors run out, asyncio's accept loop calls the loop's exception handler for
+    every retry of every pending connection (thousands a second, each with a traceback).
+    This handler turns those for our own listening sockets into one line per interval with
+    a count, and passes every other report on unchanged.
+    """
+
+    def __init__(self, sockets: Iterable[socket.socket], interval_s: float = LOG_INTERVAL_S):
+        self._fds = {sock.fileno() for sock in sockets}
+        self._throttle = Throttle(interval_s)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: AsyncioHandler | None = None
+        self._last_failure = -math.inf
+
+    def retries_pending_s(self) -> float:
+        """How long asyncio may still retry a failed accept() (0 when none failed lately)."""
+        return max(0.0, self._last_failure + ACCEPT_RETRY_S + 0.1 - time.monotonic())
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Become the loop's exception handler, in front of the one already there."""
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+
+    def uninstall(self) -> None:
+        """Put the previous handler back, unless someone has replaced ours since."""
+        if self._loop is not None and self._loop.get_exception_handler() is self:
+            self._loop.set_exception_handler(self._previous)
+        self._loop = None
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """Report an accept() failure on our sockets sparingly; pass anything else on."""
+        message = str(context.get("message", ""))
+        sock = context.get("socket")
+        ours = sock is not None and sock.fileno() in self._fds
+        if message == _ACCEPT_FAILED and ours:
+            self._last_failure = time.monotonic()
+        elif self._retry_of_closed(message, context):
+            # asyncio schedules one retry per failed accept(), which raises once the
+            # listener is closed (at shutdown): noise about a socket that is gone.
+            return
+        else:
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        held = self._throttle.admit()
+        if held is None:
+            return
+        log.error(
+            "http_accept_failed",
+            error=str(context.get("exception")),
+            suppressed=held,
+            hint="out of file descriptors: raise LimitNOFILE or lower server.max_connections",
+        )
+
+    def _retry_of_closed(self, message: str, context: dict[str, Any]) -> bool:
+        return (
+            self._last_failure > -math.inf
+            and "._start_serving(" in message
+            and isinstance(context.get("exception"), ValueError)
+        )

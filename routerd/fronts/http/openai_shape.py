@@ -1,0 +1,203 @@
+"""OpenAI's chat-completions shape: the request read, the reply and the SSE stream written.
+
+The request body passes to the dispatcher as sent (it already takes OpenAI chat shape),
+less what the front itself answers for: ``model`` names the route, ``stream`` and
+``stream_options`` shape the response. The upstream adapter sets the model and streaming
+options of its own call.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import msgspec
+
+from routerd.core.calls import Delta, Reply
+from routerd.fronts.http.errors import HttpError
+from routerd.fronts.http.wire import ShapeError, encode, trailer
+
+# Fields the front consumes; everything else reaches the upstream untouched.
+_FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})
+
+
+class _StreamOptions(msgspec.Struct):
+    include_usage: bool | None = None
+
+
+class _ChatHead(msgspec.Struct):
+    """The fields the front reads; unknown ones are allowed and passed on."""
+
+    model: str
+    messages: list[Any]
+    stream: bool | None = None
+    stream_options: _StreamOptions | None = None
+    n: int | None = None
+
+
+class ChatRequest(msgspec.Struct, frozen=True):
+    """A chat-completions request, split into what routes it and what the upstream gets."""
+
+    route: str
+    body: dict[str, Any]
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    """Read a chat-completions body; raises ShapeError with OpenAI-style wording."""
+    try:
+        data = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+        raise ShapeError(
+            "We could not parse the JSON body of your request. (HINT: This likely means "
+            "you aren't using your HTTP library correctly.)"
+        ) from None
+    if not isinstance(data, dict):
+        raise ShapeError("the request body must be a JSON object")
+    try:
+        head = msgspec.convert(data, _ChatHead)
+    except msgspec.ValidationError as exc:
+        raise ShapeError(f"Invalid request: {exc}") from None
+    if not head.messages:
+        raise ShapeError("messages must be a non-empty array")
+    if head.n not in (None, 1):
+        raise ShapeError("routerd serves one choice per request: n must be 1")
+    body = {name: value for name, value in data.items() if name not in _FRONT_FIELDS}
+    options = head.stream_options
+    return ChatRequest(
+        route=head.model,
+        body=body,
+        stream=bool(head.stream),
+        include_usage=bool(options is not None and options.include_usage),
+    )
+
+
+def _usage(usage: dict[str, int]) -> dict[str, int] | None:
+    if not usage:
+        return None
+    prompt = usage.get("prompt_tokens", 0)
+    completion = usage.get("completion_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": usage.get("total_tokens", prompt + completion),
+    }
+
+
+def completion(reply: Reply) -> bytes:
+    """The ``chat.completion`` object for a finished reply."""
+    message: dict[str, Any] = {
+        "role": "assistant",
+        # OpenAI sends null content beside tool calls; an empty string would read as text.
+        "content": reply.text if reply.text or not reply.tool_calls else None,
+        "refusal": None,
+    }
+    if reply.tool_calls:
+        message["tool_calls"] = reply.tool_calls
+    return encode(
+        {
+            "id": _completion_id(),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": reply.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": None,
+                    "finish_reason": reply.finish_reason or "stop",
+                }
+            ],
+            "usage": _usage(reply.usage),
+            "system_fingerprint": None,
+        }
+    )
+
+
+class ChunkEncoder:
+    """Writes one reply as OpenAI's stream: ``chat.completion.chunk`` events, then [DONE].
+
+    The opening chunk carries the role; each Delta becomes one chunk; the closing chunks
+    carry the finish reason and, when the client asked with ``stream_options.include_usage``,
+    a usage chunk with no choices, exactly where OpenAI puts them.
+    """
+
+    def __init__(self, model: str, *, include_usage: bool) -> None:
+        self.model = model
+        self.include_usage = include_usage
+        self.id = _completion_id()
+        self.created = int(time.time())
+
+    def _chunk(
+        self,
+        delta: dict[str, Any] | None,
+        finish_reason: str | None = None,
+        *,
+        model: str | None = None,
+        usage: dict[str, int] | None = None,
+    ) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": model or self.model,
+            "system_fingerprint": None,
+            "choices": []
+            if delta is None
+            else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return b"data: " + encode(chunk) + b"\n\n"
+
+    def opening(self) -> bytes:
+        """The first chunk: the assistant's role and empty content."""
+        return self._chunk({"role": "assistant", "content": "", "refusal": None})
+
+    def delta(self, delta: Delta) -> bytes:
+        """One upstream Delta as a chunk; nothing for a delta that carries only a finish."""
+        if not delta.text and not delta.tool_calls:
+            return b""
+        piece: dict[str, Any] = {}
+        if delta.text:
+            piece["content"] = delta.text
+        if delta.tool_calls:
+            piece["tool_calls"] = delta.tool_calls
+        return self._chunk(piece)
+
+    def closing(self, reply: Reply) -> bytes:
+        """The finish chunk, the usage chunk if asked for, routerd's trailer, and [DONE]."""
+        out = self._chunk({}, reply.finish_reason or "stop", model=reply.model)
+        if self.include_usage:
+            out += self._chunk(None, model=reply.model, usage=_usage(reply.usage) or {})
+        return out + trailer(reply) + b"data: [DONE]\n\n"
+
+    def error(self, error: HttpError) -> bytes:
+        """A failure after the stream began: OpenAI's error chunk; the stream then ends."""
+        return b"data: " + encode({"error": error.body["error"]}) + b"\n\n"
+
+
+def model_list(routes: list[str], targets: list[tuple[str, str]]) -> bytes:
+    """GET /v1/models: every route (owned by routerd), then every "provider/model" target."""
+    return encode(
+        {
+            "object": "list",
+            "data": [_model(name, "routerd") for name in routes]
+            + [_model(name, provider) for name, provider in targets],
+        }
+    )
+
+
+def model_card(name: str, owner: str) -> bytes:
+    """GET /v1/models/{name}."""
+    return encode(_model(name, owner))
+
+
+def _model(name: str, owner: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": owner}
+
+
+def _completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,1 @@
+"""The msgpack Unix-socket front: accept, framing, and one Connection per client."""
