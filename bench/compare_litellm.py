@@ -8,6 +8,10 @@ OpenAI-shaped sliding-window rate limits with their headers, 401 for an invalid 
   key and one out-of-quota key; 120 requests at concurrency 16.
 - outage: the primary target answers 503; the chain (LiteLLM: ``fallbacks``) has a second
   target, another model with another key; 120 requests at concurrency 8.
+- pool at scale: ten keys, seven good ones with different sliding-window limits (100
+  requests per 2 s window together), two revoked (401) and one out of quota; 2,000 requests
+  at concurrency 32, measured against the capacity bound: what the good keys' windows allow
+  in the wall time taken. LiteLLM's runs get a time budget; what it leaves unsent is failed.
 
 routerd runs as the real daemon (``routerd serve``) with its default settings and is called
 through ``routerd_client.AsyncClient``; LiteLLM runs ``litellm.Router`` in this process,
@@ -19,6 +23,7 @@ LiteLLM runs offline: the bundled model cost map (``LITELLM_LOCAL_MODEL_COST_MAP
 connection or name lookup outside loopback, and the run prints that count.
 
     ./dev compare       or    .venv-bench/bin/python bench/compare_litellm.py
+    ./dev compare --scenario pool-scale       (only that one; the flag repeats)
 
 It needs the ``bench`` extra (LiteLLM), which ``./dev compare`` installs in ``.venv-bench``.
 """
@@ -30,6 +35,7 @@ import asyncio
 import importlib
 import ipaddress
 import logging
+import math
 import os
 import platform
 import secrets
@@ -57,6 +63,11 @@ LATENCY_MS = 5.0
 POOL_MODEL = "m1"
 DEAD_MODEL = "dead"
 ALIVE_MODEL = "alive"
+SCENARIOS = ("pool", "outage", "pool-scale")
+# Pool at scale: the good keys' requests per WINDOW_S window (100 together), then the bad ones.
+SCALE_LIMITS = (5, 10, 10, 15, 15, 20, 25)
+SCALE_GOOD = tuple(f"s{i}" for i in range(len(SCALE_LIMITS)))
+SCALE_BAD = ("revoked0", "revoked1", "exhausted")
 
 # No reliability settings: the Router's documented defaults (read back and printed).
 LITELLM_DEFAULTS: dict[str, Any] = {}
@@ -170,23 +181,47 @@ def messages(n: int) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"hi {n}"}]
 
 
-async def burst(call: Callable[[int], Awaitable[object]], total: int, concurrency: int) -> Burst:
-    """Send ``total`` requests, ``concurrency`` at a time, as asyncio tasks."""
+async def burst(
+    call: Callable[[int], Awaitable[object]],
+    total: int,
+    concurrency: int,
+    budget_s: float | None = None,
+) -> Burst:
+    """Send ``total`` requests, ``concurrency`` at a time, as asyncio tasks.
+
+    With ``budget_s``, a request still running when the budget ends is cancelled and failed
+    (``TimeBudget``), and the requests not yet sent are failed too (``NotSent``).
+    """
     result = Burst()
     counter = iter(range(total))
+    started = time.monotonic()
+
+    def failed(kind: str, message: str) -> None:
+        result.errors[kind] += 1
+        result.samples.setdefault(kind, " ".join(message.split())[:160])
 
     async def worker() -> None:
         for n in counter:
             try:
-                await call(n)
+                if budget_s is None:
+                    await call(n)
+                else:
+                    left = budget_s - (time.monotonic() - started)
+                    if left <= 0:
+                        failed("NotSent", f"not sent: the {budget_s:g} s time budget had ended")
+                        continue
+                    async with asyncio.timeout(left):
+                        await call(n)
+            except TimeoutError as exc:
+                if budget_s is not None and time.monotonic() - started >= budget_s:
+                    failed("TimeBudget", f"cancelled when the {budget_s:g} s time budget ended")
+                else:
+                    failed(type(exc).__name__, str(exc))  # the system's own timeout
             except Exception as exc:  # every failure is a figure of the run
-                kind = type(exc).__name__
-                result.errors[kind] += 1
-                result.samples.setdefault(kind, " ".join(str(exc).split())[:160])
+                failed(type(exc).__name__, str(exc))
             else:
                 result.served += 1
 
-    started = time.monotonic()
     async with asyncio.TaskGroup() as tg:
         for _ in range(concurrency):
             tg.create_task(worker())
@@ -215,6 +250,7 @@ def litellm_burst(
     model: str,
     total: int,
     concurrency: int,
+    budget_s: float | None = None,
 ) -> Burst:
     """A burst through a fresh ``litellm.Router`` built from ``settings``."""
 
@@ -230,7 +266,7 @@ def litellm_burst(
         async def call(n: int) -> object:
             return await router.acompletion(model=model, messages=messages(n))
 
-        return await burst(call, total, concurrency)
+        return await burst(call, total, concurrency, budget_s)
 
     return asyncio.run(run())
 
@@ -369,6 +405,68 @@ chain = ["a/{DEAD_MODEL}", "b/{ALIVE_MODEL}"]
             merged = {**settings, **fallbacks}
             described = effective_settings(litellm, model_list, merged)
             result = litellm_burst(litellm, model_list, merged, "primary", total, concurrency)
+            rows.append(_row(mock, name, described, total, result))
+    return rows
+
+
+def scale_min_wall(total: int) -> float:
+    """The least wall time the good keys' windows allow for ``total`` requests."""
+    return (math.ceil(total / sum(SCALE_LIMITS)) - 1) * WINDOW_S
+
+
+def capacity_bound(wall_s: float) -> int:
+    """What the good keys can serve in ``wall_s``: sum of limit * ceil(wall / window)."""
+    windows = max(1, math.ceil(wall_s / WINDOW_S))
+    return sum(limit * windows for limit in SCALE_LIMITS)
+
+
+def pool_scale_scenario(
+    litellm: Any, workdir: Path, total: int, concurrency: int, budget_s: float
+) -> list[Row]:
+    """Scenario 3: seven good keys with different windows, two revoked, one exhausted."""
+    keys = {
+        new_key(label): KeySpec(label, rpm=limit, window_s=WINDOW_S)
+        for label, limit in zip(SCALE_GOOD, SCALE_LIMITS, strict=True)
+    }
+    keys.update({new_key(label): KeySpec(label, kind="invalid") for label in SCALE_BAD[:2]})
+    keys[new_key(SCALE_BAD[2])] = KeySpec(SCALE_BAD[2], kind="no_quota")
+    spec = MockSpec(keys=keys, models={POOL_MODEL: ModelSpec()}, latency_ms=LATENCY_MS)
+    rows: list[Row] = []
+    with start_mock_process(spec) as mock:
+        creds = ", ".join(
+            f'{{ label = "{s.label}", key_env = "KEY_{s.label.upper()}" }}' for s in keys.values()
+        )
+        config = f"""
+[providers.mock]
+kind = "openai-compatible"
+base_url = "{mock.base_url}"
+credentials = [{creds}]
+
+[routes.scale]
+chain = ["mock/{POOL_MODEL}"]
+"""
+        env = {f"KEY_{s.label.upper()}": key for key, s in keys.items()}
+        with start_daemon(workdir, "scale", config, env) as daemon:
+            result = routerd_burst(daemon.socket_path, "scale", total, concurrency)
+        rows.append(_row(mock, "routerd", routerd_settings(), total, result))
+
+        model_list = [
+            {
+                "model_name": "scale",
+                "litellm_params": {
+                    "model": f"openai/{POOL_MODEL}",
+                    "api_base": mock.base_url,
+                    "api_key": key,
+                },
+            }
+            for key in keys
+        ]
+        for name, settings in LITELLM_CONFIGS:
+            mock.reset()
+            described = effective_settings(litellm, model_list, settings)
+            result = litellm_burst(
+                litellm, model_list, settings, "scale", total, concurrency, budget_s
+            )
             rows.append(_row(mock, name, described, total, result))
     return rows
 
@@ -529,6 +627,88 @@ def report_outage(rows: list[Row], total: int, concurrency: int) -> None:
     print_errors(rows)
 
 
+def report_pool_scale(rows: list[Row], total: int, concurrency: int, budget_s: float) -> None:
+    """Scenario 3's tables, against the capacity bound and the targets."""
+    limits = ", ".join(str(n) for n in SCALE_LIMITS)
+    print(
+        f"\nScenario 3 - pool at scale: 7 good keys ({limits} requests per {WINDOW_S:g} s "
+        f"window; {sum(SCALE_LIMITS)} together), 2 revoked, 1 out of quota; {total} requests "
+        f"at concurrency {concurrency}"
+    )
+    print(
+        f"  capacity bound = sum over good keys of limit * ceil(wall / {WINDOW_S:g} s); "
+        f"{total} requests need >= {scale_min_wall(total):.1f} s; LiteLLM's time budget "
+        f"{budget_s:g} s"
+    )
+    base = rows[0]
+
+    def calls(row: Row) -> int:
+        return sum(row.upstream(label) for label in row.calls)
+
+    def throttled(row: Row) -> int:
+        return sum(row.upstream(label, status="429") for label in row.calls)
+
+    def bad_calls(row: Row) -> int:
+        return sum(row.upstream(label) for label in SCALE_BAD)
+
+    def goodput(row: Row) -> float:
+        return 100 * row.burst.served / capacity_bound(row.burst.wall_s)
+
+    def share_429(row: Row) -> float:
+        return 100 * throttled(row) / calls(row) if calls(row) else 0.0
+
+    print_table(
+        [
+            *("system", "served", "failed", "bound", "goodput", "upstream", "429s"),
+            *("429s/calls", "revoked+exhausted", "wall s", "wall s/served"),
+        ],
+        [
+            [
+                row.system,
+                f"{row.burst.served}/{total}",
+                str(row.failed),
+                str(capacity_bound(row.burst.wall_s)),
+                f"{goodput(row):.1f}%",
+                str(calls(row)),
+                str(throttled(row)),
+                f"{share_429(row):.2f}%",
+                str(bad_calls(row)),
+                f"{row.burst.wall_s:.2f}",
+                f"{per_served(row):.4f}",
+            ]
+            for row in rows
+        ],
+    )
+    print("  ratios, each row's figure divided by routerd's (inf: routerd's is 0; =: both 0):")
+    print_table(
+        [
+            *("system", "served", "failed", "429s", "revoked+exhausted calls", "wall"),
+            "wall per served",
+        ],
+        [
+            [
+                row.system,
+                ratio(row.burst.served, base.burst.served),
+                ratio(row.failed, base.failed),
+                ratio(throttled(row), throttled(base)),
+                ratio(bad_calls(row), bad_calls(base)),
+                ratio(row.burst.wall_s, base.burst.wall_s),
+                ratio(per_served(row), per_served(base)),
+            ]
+            for row in rows[1:]
+        ],
+    )
+    met = goodput(base) >= 98 and share_429(base) <= 2
+    print(
+        f"  routerd against the targets (goodput >= 98% of the bound, 429s <= 2% of calls): "
+        f"goodput {goodput(base):.1f}% ({goodput(base) - 98:+.1f} points), 429s "
+        f"{share_429(base):.2f}% ({share_429(base) - 2:+.2f} points): "
+        f"{'met' if met else 'NOT met'}"
+    )
+    print_calls(rows, [*SCALE_GOOD, *SCALE_BAD])
+    print_errors(rows)
+
+
 def package_version(name: str) -> str:
     """An installed distribution's version, or "not installed"."""
     try:
@@ -543,7 +723,24 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=120, help="requests per burst")
     parser.add_argument("--pool-concurrency", type=int, default=16)
     parser.add_argument("--outage-concurrency", type=int, default=8)
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=SCENARIOS,
+        help="run only this scenario (repeat for several; default: all)",
+    )
+    parser.add_argument("--scale-requests", type=int, default=2000, help="pool at scale")
+    parser.add_argument("--scale-concurrency", type=int, default=32, help="pool at scale")
+    parser.add_argument(
+        "--scale-budget",
+        type=float,
+        default=None,
+        help="seconds a LiteLLM run of the pool at scale may take (default: twice the least "
+        "wall time the windows allow, at least 60)",
+    )
     args = parser.parse_args()
+    chosen = set(args.scenario or SCENARIOS)
+    budget_s = args.scale_budget or max(60.0, 2 * scale_min_wall(args.scale_requests))
 
     guard = LoopbackGuard()
     guard.install()
@@ -552,8 +749,15 @@ def main() -> None:
     # /tmp keeps the daemon's socket path short (Unix socket paths are limited to ~100 bytes).
     with tempfile.TemporaryDirectory(prefix="routerd-compare-", dir="/tmp") as tmp:
         workdir = Path(tmp)
-        pool = pool_scenario(litellm, workdir, args.requests, args.pool_concurrency)
-        outage = outage_scenario(litellm, workdir, args.requests, args.outage_concurrency)
+        pool = outage = scale = []
+        if "pool" in chosen:
+            pool = pool_scenario(litellm, workdir, args.requests, args.pool_concurrency)
+        if "outage" in chosen:
+            outage = outage_scenario(litellm, workdir, args.requests, args.outage_concurrency)
+        if "pool-scale" in chosen:
+            scale = pool_scale_scenario(
+                litellm, workdir, args.scale_requests, args.scale_concurrency, budget_s
+            )
 
     print("routerd vs LiteLLM Router: the same work against routerd's mock provider on loopback")
     print(
@@ -566,8 +770,14 @@ def main() -> None:
         print(f"  pool   {row.system:17} {row.settings}")
     for row in outage:
         print(f"  outage {row.system:17} {row.settings}")
-    report_pool(pool, args.requests, args.pool_concurrency)
-    report_outage(outage, args.requests, args.outage_concurrency)
+    for row in scale:
+        print(f"  scale  {row.system:17} {row.settings}")
+    if pool:
+        report_pool(pool, args.requests, args.pool_concurrency)
+    if outage:
+        report_outage(outage, args.requests, args.outage_concurrency)
+    if scale:
+        report_pool_scale(scale, args.scale_requests, args.scale_concurrency, budget_s)
     outside = sum(guard.outside.values())
     where = ", ".join(f"{host} x{n}" for host, n in guard.outside.items()) if outside else ""
     print(

@@ -315,3 +315,100 @@ def test_a_zero_retry_after_still_cools_the_key_briefly() -> None:
     c.failed(failure(FailureClass.RATE_LIMITED, 0.0), 5.0, RNG)
     # Never a tight loop on a key that keeps answering 429 with "retry-after: 0".
     assert c.free_at(5.0, 1) == pytest.approx(5.1)
+
+
+# ---- the pool index: a large pool's first pick, checked against the full plan -----------
+
+
+def _random_key(i: int, rng: random.Random, now: float) -> CredentialState:
+    c = cred(f"k{i}", i, max_concurrent=rng.choice([None, None, 1, 2]))
+    c.proven = rng.random() < 0.9
+    c.uses, c.last_used = rng.randrange(50), now - rng.uniform(0, 30)
+    c.in_flight = rng.choice([0, 0, 0, 1])
+    if rng.random() < 0.7:
+        c.requests.limit, c.requests.remaining = 100, rng.randrange(0, 100)
+        c.requests.reset_at, c.requests.guessed = now + rng.uniform(-5, 20), False
+    if rng.random() < 0.3:
+        c.tokens.limit, c.tokens.remaining = 10_000, rng.randrange(0, 10_000)
+        c.tokens.reset_at, c.tokens.guessed = now + rng.uniform(-5, 20), False
+    roll = rng.random()
+    if roll < 0.4:
+        c.health, c.until = Health.COOLING, now + rng.uniform(-2, 20)
+    elif roll < 0.45:
+        c.health, c.until = Health.PARKED, now + rng.uniform(-2, 20)
+    elif roll < 0.5:
+        c.health, c.until = Health.DISABLED, now + rng.uniform(-2, 20)
+    if rng.random() < 0.1:
+        c.long_lane_until = now + rng.uniform(-2, 10)
+    return c
+
+
+def _churn(pool: list[CredentialState], rng: random.Random, now: float, n: int) -> None:
+    """What the routing core does to keys between picks: leases, failures, successes."""
+    for c in rng.sample(pool, n):
+        roll = rng.random()
+        if roll < 0.4:
+            c.lease(now, rng.randrange(1, 3000))
+        elif roll < 0.7:
+            c.failed(failure(FailureClass.RATE_LIMITED, rng.uniform(0.5, 10)), now, RNG)
+        elif roll < 0.8:
+            c.failed(failure(FailureClass.LONG_CONTEXT_LIMITED, 5.0), now, RNG)
+        else:
+            limits = RateLimitReport(requests=Window(100, rng.randrange(100), 5.0))
+            c.succeeded(now, 100.0, limits, c.lease(now, 10))
+
+
+@pytest.mark.parametrize("strategy", ["headroom", "fill_first", "round_robin", "least_used"])
+def test_a_large_pool_picks_the_key_the_full_plan_puts_first(strategy: str) -> None:
+    rng, now = random.Random(strategy), 1000.0
+    pool = [_random_key(i, rng, now) for i in range(10_000)]
+    t = target("p/m", pool, strategy, context_window=8_000, long_context_window=100_000)
+    rotations = {"p": 0}
+    for step in range(12):
+        for tokens in (100, 5_000, 50_000):
+            ruled = Exclusions(
+                credentials={("p", f"k{rng.randrange(10_000)}")} if step % 3 else set()
+            )
+            kw = {"exclusions": ruled, "rotations": rotations}
+            quick = plan([t], tokens, now, first_only=True, **kw)  # type: ignore[arg-type]
+            full = plan([t], tokens, now, **kw)  # type: ignore[arg-type]
+            assert [(c.credential.label, c.long) for c in quick.candidates] == [
+                (c.credential.label, c.long) for c in full.candidates[:1]
+            ], (step, tokens)
+        rotations["p"] += rng.randrange(1, 50)
+        now += rng.uniform(0, 4)
+        _churn(pool, rng, now, 200)
+
+
+def test_a_large_random_pool_picks_a_usable_key_and_spreads() -> None:
+    rng, now = random.Random(5), 1000.0
+    pool = [_random_key(i, rng, now) for i in range(10_000)]
+    t = target("p/m", pool, "random")
+    picked = set()
+    for _ in range(50):
+        decision = plan([t], 100, now, first_only=True, rng=rng)
+        (candidate,) = decision.candidates
+        assert candidate.credential.free_at(now, 100) <= now
+        picked.add(candidate.credential.label)
+        _churn(pool, rng, now, 20)
+        now += 0.5
+    assert len(picked) > 40
+
+
+def test_a_large_pool_never_picks_a_key_changed_behind_the_routing_core() -> None:
+    # A restored state or a reload writes keys directly, without telling the index: the
+    # pick is still checked against the key itself, and a pool changed in place rebuilds.
+    now = 1000.0
+    pool = [cred(f"k{i}", i) for i in range(100)]
+    t = target("p/m", pool, "fill_first")
+    assert plan([t], 10, now, first_only=True).candidates[0].credential.label == "k0"
+    pool[0].health, pool[0].until = Health.COOLING, now + 30
+    assert plan([t], 10, now, first_only=True).candidates[0].credential.label == "k1"
+    pool[:] = [cred(f"n{i}", i) for i in range(100)]
+    assert plan([t], 10, now, first_only=True).candidates[0].credential.label == "n0"
+    pool[:] = pool[:50]
+    for c in pool:
+        c.health, c.until = Health.PARKED, now + 30
+    quick = plan([t], 10, now, first_only=True)
+    assert not quick.candidates and quick.blocked is FailureClass.QUOTA_EXHAUSTED
+    assert quick.free_at == pytest.approx(now + 30)

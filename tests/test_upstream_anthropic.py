@@ -54,7 +54,7 @@ def make_call(**kw: Any) -> Call:
 
 
 def adapter(handler: Handler) -> AnthropicAdapter:
-    http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+    http = httpx.MockTransport(handler)
     return AnthropicAdapter(http, clock=lambda: NOW)
 
 
@@ -582,6 +582,6 @@ async def test_stream_iterates_once() -> None:
 
 
 def test_adapter_for_anthropic() -> None:
-    built = adapter_for("anthropic", httpx.AsyncClient())
+    built = adapter_for("anthropic", httpx.AsyncHTTPTransport())
     assert isinstance(built, AnthropicAdapter)
     assert built.kind == "anthropic"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
+import aiohttp
 import anyio
 import httpx
 import msgspec
@@ -43,7 +44,7 @@ def make_call(**kw: Any) -> Call:
 
 
 def adapter(handler: Handler, **kw: Any) -> OpenAIAdapter:
-    return OpenAIAdapter(httpx.AsyncClient(transport=httpx.MockTransport(handler)), **kw)
+    return OpenAIAdapter(httpx.MockTransport(handler), **kw)
 
 
 def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Handler:
@@ -248,6 +249,45 @@ async def test_transport_errors_are_target_down_naming_the_kind(
     assert failure.message.startswith(expected)
     assert not isinstance(caught.value.__cause__, httpx.HTTPError)
     assert caught.value.__context__ is None
+
+
+def from_aiohttp(mapped: Exception, cause: Exception) -> Exception:
+    """What the aiohttp transport raises: httpx's coarse class, from aiohttp's own error."""
+    mapped.__cause__ = cause
+    return mapped
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        # The transport calls a reset a ConnectTimeout; the cause says what happened.
+        (
+            from_aiohttp(httpx.ConnectTimeout("reset"), aiohttp.ClientOSError(104, "reset")),
+            "read error: reset",
+        ),
+        (
+            from_aiohttp(httpx.ReadTimeout(""), aiohttp.SocketTimeoutError("idle")),
+            "read timeout after 30s",
+        ),
+        (
+            from_aiohttp(httpx.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()),
+            "protocol error",
+        ),
+        (
+            from_aiohttp(httpx.ReadError("x"), aiohttp.ClientPayloadError("cut short")),
+            "protocol error",
+        ),
+        # Passed through unmapped: a bare timeout from beneath aiohttp.
+        (TimeoutError(), "timeout after 30s"),
+    ],
+)
+async def test_aiohttp_errors_beneath_httpx_are_named_by_their_cause(
+    exc: Exception, expected: str
+) -> None:
+    with pytest.raises(UpstreamFailure) as caught:
+        await adapter(raises(exc)).complete(make_call())
+    assert caught.value.failure.cls is FailureClass.TARGET_DOWN
+    assert caught.value.failure.message.startswith(expected)
 
 
 async def test_a_key_inside_an_httpx_error_never_escapes() -> None:
@@ -524,7 +564,7 @@ async def test_stream_iterates_once() -> None:
 
 
 def test_adapter_for_kinds() -> None:
-    http = httpx.AsyncClient()
+    http = httpx.AsyncHTTPTransport()
     openai: Adapter = adapter_for("openai", http)
     compatible = adapter_for("openai-compatible", http)
     assert isinstance(openai, OpenAIAdapter) and openai.kind == "openai"

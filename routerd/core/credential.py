@@ -13,6 +13,7 @@ import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
 
@@ -158,6 +159,13 @@ class LocalLimit:
         self.total += amount
 
 
+class Watcher(Protocol):
+    """Keeps something derived from credentials (the plan's pool index) current."""
+
+    def changed(self, credential: CredentialState) -> None:
+        """``credential``'s state changed."""
+
+
 @dataclass(slots=True)
 class CredentialState:
     """The state of one credential; the core changes it, the plan reads it."""
@@ -196,6 +204,8 @@ class CredentialState:
     successes: int = 0
     failures: int = 0
     latency_ms: float | None = None
+    # The pool indexes that hold this key (poolindex.py), told of every change made here.
+    watchers: list[Watcher] = field(default_factory=list, repr=False, compare=False)
 
     # ---- reading ----------------------------------------------------------------------
 
@@ -256,6 +266,11 @@ class CredentialState:
 
     # ---- changing ---------------------------------------------------------------------
 
+    def changed(self) -> None:
+        """Tell the watching pool indexes that this key's state changed."""
+        for watcher in self.watchers:
+            watcher.changed(self)
+
     def lease(self, now: float, tokens: int, *, long: bool = False) -> Lease:
         """A request is being sent with this credential (``long``: on its long-context lane)."""
         if not self.proven and not self.in_flight:
@@ -274,6 +289,7 @@ class CredentialState:
             self.tpm.spend(tokens, now)
         if self.current_health(now) is Health.DISABLED:
             self.probing = True
+        self.changed()
         return lease
 
     def release(self, lease: Lease | None = None) -> None:
@@ -285,6 +301,7 @@ class CredentialState:
                 self.long_in_flight = max(0, self.long_in_flight - 1)
             self.requests.answer(1)
             self.tokens.answer(lease.tokens)
+        self.changed()
 
     def learn(self, limits: RateLimitReport | None, now: float, lease: Lease | None = None) -> None:
         """Take the rate-limit headers of the reply to ``lease``."""
@@ -299,6 +316,7 @@ class CredentialState:
         self.tokens.learn(
             limits.tokens or limits.input_tokens, now, lease.tokens_mark, lease.tokens
         )
+        self.changed()
 
     def succeeded(
         self,
@@ -324,6 +342,7 @@ class CredentialState:
             self.health = Health.READY
             self.until = 0.0
             self.reason = ""
+        self.changed()
         return before
 
     def failed(
@@ -332,6 +351,10 @@ class CredentialState:
         """Apply the router action of README.md's failure-class table to this credential."""
         self.learn(failure.limits, now, lease)
         self.release(lease)
+        self._failed(failure, now, rng)
+        self.changed()
+
+    def _failed(self, failure: Failure, now: float, rng: random.Random) -> None:
         cls = failure.cls
         if cls is FailureClass.RATE_LIMITED:
             self.failures += 1

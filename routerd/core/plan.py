@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from routerd.core.breaker import Breaker
 from routerd.core.credential import CredentialState, Health
 from routerd.core.outcome import FailureClass
+from routerd.core.poolindex import INDEX_MIN, StaleIndex, index_for
 
 # Prompts estimated below this many tokens do not teach a target its token scale.
 LEARN_MIN_TOKENS = 512
@@ -72,7 +73,8 @@ class Plan:
     ``blocked`` the failure class that stands in the way, for the error the client gets.
     ``largest_window`` is the largest context window in the chain, ``available_window`` the
     largest one that could serve a request right now, ``long_lane_back_at`` when the
-    first cooling long-context lane is expected back.
+    first cooling long-context lane is expected back. ``partial``: only the first
+    candidate was looked for (``first_only``), and the other fields are not filled in.
     """
 
     candidates: list[Candidate] = field(default_factory=list)
@@ -81,6 +83,7 @@ class Plan:
     largest_window: int | None = None
     available_window: int | None = None
     long_lane_back_at: float | None = None
+    partial: bool = False
 
 
 @dataclass(slots=True)
@@ -169,6 +172,7 @@ def plan(
     exclusions: Exclusions | None = None,
     rotations: Mapping[str, int] | None = None,
     rng: random.Random | None = None,
+    first_only: bool = False,
 ) -> Plan:
     """Decide where a request of ``tokens`` (prompt plus output) can go at ``now``.
 
@@ -176,10 +180,18 @@ def plan(
     cannot fit the request, or when its breaker admits no call. Within a target, the usable
     credentials come in the order of the pool's strategy. Where ``prompt_tokens`` is given,
     each target scales that part by what its provider's usage reports taught it.
+
+    ``first_only``: the caller takes the first candidate and plans again after a failure,
+    so where a large pool is in the chain only that one is looked for (see poolindex.py);
+    a request that finds none gets the full plan, to say why and until when.
     """
     exclusions = exclusions or Exclusions()
     rotations = rotations or {}
     rng = rng or random.Random()
+    if first_only and any(len(t.pool) >= INDEX_MIN for t in chain):
+        first = _first(chain, tokens, now, prompt_tokens, exclusions, rotations, rng)
+        if first is not None:
+            return Plan([first], partial=True)
     result = Plan()
     any_fit = False
     for target in chain:
@@ -209,6 +221,71 @@ def plan(
     if not any_fit:
         result.free_at = None
     return result
+
+
+def _first(
+    chain: Sequence[Target],
+    tokens: int,
+    now: float,
+    prompt_tokens: int | None,
+    exclusions: Exclusions,
+    rotations: Mapping[str, int],
+    rng: random.Random,
+) -> Candidate | None:
+    """The full plan's first candidate, found without ordering every pool (None: none)."""
+    for target in chain:
+        need = tokens
+        if prompt_tokens is not None and target.token_scale != 1.0:
+            need = tokens + round(prompt_tokens * (target.token_scale - 1.0))
+        if exclusions.excludes(target.name):
+            continue
+        fits, long = target.window_for(need)
+        if target.name in exclusions.long_only:
+            fits = long = target.long_context_window is not None
+        if not fits or not target.breaker.admits(now):
+            continue
+        rotation = rotations.get(target.provider, 0)
+        if len(target.pool) < INDEX_MIN:
+            usable = _usable_credentials(Plan(), target, exclusions, need, long, now)
+            ordered = order_pool(usable, target.strategy, now, rng, rotation)
+            if ordered:
+                return Candidate(target, ordered[0], long)
+            continue
+        found = _first_indexed(target, exclusions, need, long, now, rotation, rng)
+        if found is not None:
+            return Candidate(target, found, long)
+    return None
+
+
+def _first_indexed(
+    target: Target,
+    exclusions: Exclusions,
+    need: int,
+    long: bool,
+    now: float,
+    rotation: int,
+    rng: random.Random,
+) -> CredentialState | None:
+    """The first usable key of a large pool in its strategy's order, from its index."""
+    ruled_out = exclusions.credentials
+
+    def usable(c: CredentialState) -> bool:
+        if ruled_out and (c.provider, c.label) in ruled_out:
+            return False
+        if long and not c.long_lane_open(now):
+            return False
+        return c.free_at(now, need, long=long) <= now
+
+    excluded = any(provider == target.provider for provider, _ in ruled_out)
+    try:
+        return index_for(target.pool, target.strategy, now).first(
+            usable, now, rotation, rng, excluded
+        )
+    except StaleIndex:
+        ordered = order_pool(
+            [c for c in target.pool if usable(c)], target.strategy, now, rng, rotation
+        )
+        return ordered[0] if ordered else None
 
 
 def _usable_credentials(

@@ -231,6 +231,7 @@ def expire(credential: CredentialState, now: float) -> list[CredentialEvent]:
         return []
     credential.health = Health.READY
     credential.reason = ""
+    credential.changed()
     return [CredentialReady(credential.provider, credential.label, was)]
 
 

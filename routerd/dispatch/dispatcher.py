@@ -192,7 +192,11 @@ class Dispatcher:
             else:
                 del self._queued[name]
 
-    def _assess(self, route: Route) -> Callable[[int, int, Exclusions, float], Plan]:
+    def _assess(
+        self, route: Route, *, first_only: bool = True
+    ) -> Callable[[int, int, Exclusions, float], Plan]:
+        """The route's plan at a time; ``first_only``: just its first candidate, if any."""
+
         def assess(tokens: int, prompt: int, exclusions: Exclusions, now: float) -> Plan:
             return plan(
                 route.chain,
@@ -202,6 +206,7 @@ class Dispatcher:
                 exclusions=exclusions,
                 rotations=self.rotations,
                 rng=self._rng,
+                first_only=first_only,
             )
 
         return assess
@@ -313,6 +318,11 @@ class Dispatcher:
                     continue
                 if job.retry_round():
                     continue
+                if decision.partial:
+                    # Out of attempts with a candidate left: the full plan says why.
+                    decision = self._assess(route, first_only=False)(
+                        job.tokens, job.prompt, job.exclusions, now
+                    )
                 if job.beyond_help(decision):
                     raise give_up(
                         route.name, decision, job.attempts, job.last_failure, now, job.tokens

@@ -32,6 +32,7 @@ class BufferBudget:
         self.peak = 0
         self.refused = 0
         self._freed = anyio.Event()
+        self._waiting = 0
 
     def try_reserve(self, size: int) -> bool:
         """Reserve ``size`` bytes now if they fit; a single request never exceeds the limit."""
@@ -46,15 +47,22 @@ class BufferBudget:
         if size > self.limit:
             self.refused += 1
             raise BudgetExhausted(size, self.limit)
-        with anyio.move_on_after(wait_s):
-            while not self.try_reserve(size):
-                await self._freed.wait()
-            return
+        if self.try_reserve(size):
+            return  # the common case: room now, no timer to arm
+        self._waiting += 1
+        try:
+            with anyio.move_on_after(wait_s):
+                while not self.try_reserve(size):
+                    await self._freed.wait()
+                return
+        finally:
+            self._waiting -= 1
         self.refused += 1
         raise BudgetExhausted(size, self.limit)
 
     def release(self, size: int) -> None:
         """Give back ``size`` reserved bytes and wake whoever waits for room."""
         self.used = max(0, self.used - size)
-        self._freed.set()
-        self._freed = anyio.Event()
+        if self._waiting:
+            self._freed.set()
+            self._freed = anyio.Event()

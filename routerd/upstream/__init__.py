@@ -1,1 +1,1 @@
-"""Upstream adapters: one per API kind (``registry.adapter_for``), all on one httpx client."""
+"""Upstream adapters: one per API kind (``registry.adapter_for``), all on one httpx transport."""

@@ -27,7 +27,7 @@ from routerd.translate import (
     anthropic_to_completion,
     openai_to_anthropic,
 )
-from routerd.upstream.common import endpoint, open_stream, post, sse_events
+from routerd.upstream.common import endpoint, header_map, open_stream, post, sse_events
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -136,7 +136,7 @@ class AnthropicAdapter:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncBaseTransport,
         *,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         clock: Callable[[], float] = time.time,
@@ -182,7 +182,7 @@ class AnthropicAdapter:
 
     def _classify(self, response: httpx.Response, body: bytes | None, call: Call) -> Failure:
         return classify(
-            response.status_code, response.headers, body, key=call.key, now=self._clock()
+            response.status_code, header_map(response), body, key=call.key, now=self._clock()
         )
 
     async def complete(self, call: Call) -> Completion:
@@ -208,7 +208,7 @@ class AnthropicAdapter:
                     model=model or call.model,
                     finish_reason=finish,
                     usage=usage,
-                    limits=anthropic_limits(response.headers, self._clock()),
+                    limits=anthropic_limits(header_map(response), self._clock()),
                     tool_calls=tool_calls,
                 )
             else:
@@ -226,5 +226,5 @@ class AnthropicAdapter:
             return self._classify(response, body, call)
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = anthropic_limits(response.headers, self._clock())
+            limits = anthropic_limits(header_map(response), self._clock())
             yield AnthropicStream(response, call, limits, self._clock)

@@ -26,7 +26,7 @@ class Stream(Protocol):
 
 
 class Adapter(Protocol):
-    """One per API kind, built around the daemon's one shared httpx client.
+    """One per API kind, built around the daemon's one shared httpx transport.
 
     Failures are raised as UpstreamFailure, already classified; httpx exceptions never
     leave the adapter, so the routing core never sees httpx.

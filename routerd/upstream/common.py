@@ -1,11 +1,14 @@
-"""What every upstream adapter shares: its httpx timeout and the one translation of httpx errors."""
+"""What every upstream adapter shares: its httpx timeout and the one translation of transport
+errors, httpx's and those of aiohttp beneath it (``build.upstream_client``)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import lru_cache
 
+import aiohttp
 import httpx
 
 from routerd.core.calls import Call
@@ -13,8 +16,23 @@ from routerd.core.classify import transport_failure
 from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.upstream.sse import SSEDecoder
 
-# Everything httpx can raise for a failed exchange (InvalidURL is not an HTTPError).
-HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL)
+# Everything a failed exchange can raise: httpx's errors (InvalidURL is not an HTTPError), and
+# aiohttp's that its httpx transport passes through unmapped (a malformed response, say).
+HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL, aiohttp.ClientError, asyncio.TimeoutError)
+# The httpx transport maps aiohttp's errors coarsely (a reset becomes ConnectTimeout); the
+# aiohttp error it was raised from names the failure. Most specific first.
+_AIOHTTP_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (aiohttp.ConnectionTimeoutError, "connect timeout"),
+    (aiohttp.SocketTimeoutError, "read timeout"),
+    (aiohttp.ServerTimeoutError, "timeout"),
+    (aiohttp.ClientConnectorError, "connect error"),
+    (aiohttp.ServerDisconnectedError, "protocol error"),
+    (aiohttp.ClientPayloadError, "protocol error"),
+    (aiohttp.ClientResponseError, "protocol error"),
+    (aiohttp.ClientOSError, "read error"),
+    (aiohttp.ClientConnectionError, "network error"),
+    (asyncio.TimeoutError, "timeout"),
+)
 # Most specific first: the first match names the failure.
 _TRANSPORT_KINDS: tuple[tuple[type[Exception], str], ...] = (
     (httpx.ConnectTimeout, "connect timeout"),
@@ -49,21 +67,49 @@ def endpoint(base_url: str, path: str) -> httpx.URL | str:
 
 
 @lru_cache(maxsize=64)
-def timeout(seconds: float) -> httpx.Timeout:
-    """The timeout of one attempt: ``seconds`` for each read, short for connecting."""
+def timeout(seconds: float) -> dict[str, float | None]:
+    """The timeout of one attempt, as a transport reads it: ``seconds`` for each read, short
+    for connecting. Shared between requests: never changed."""
     # Connecting should take milliseconds; a long connect wait only delays the fallback.
-    return httpx.Timeout(seconds, connect=min(5.0, seconds))
+    return httpx.Timeout(seconds, connect=min(5.0, seconds)).as_dict()
+
+
+def _request(
+    call: Call, url: httpx.URL | str, content: bytes, headers: dict[str, str]
+) -> httpx.Request:
+    return httpx.Request(
+        "POST", url, content=content, headers=headers, extensions={"timeout": timeout(call.timeout)}
+    )
+
+
+def header_map(response: httpx.Response) -> dict[str, str]:
+    """The response's headers as a plain dict with lower-case names, built once.
+
+    httpx's Headers decodes and scans every raw header on each lookup, and reading the
+    rate-limit headers takes a dozen. A repeated header keeps its last value.
+    """
+    return {
+        name.decode("latin-1").lower(): value.decode("latin-1")
+        for name, value in response.headers.raw
+    }
 
 
 def translate_http_error(exc: Exception, call: Call, *, streaming: bool = False) -> Failure:
     """The one translation of an httpx exception into a target_down Failure."""
-    kind = next((name for cls, name in _TRANSPORT_KINDS if isinstance(exc, cls)), "http error")
-    if isinstance(exc, httpx.TimeoutException):
-        limit = min(5.0, call.timeout) if isinstance(exc, httpx.ConnectTimeout) else call.timeout
+    kind = _kind(exc)
+    if "timeout" in kind:
+        limit = min(5.0, call.timeout) if kind == "connect timeout" else call.timeout
         kind = f"{kind} after {limit:g}s"
     if streaming:
         kind = f"stream cut ({kind})"
     return transport_failure(kind, str(exc), key=call.key)
+
+
+def _kind(exc: Exception) -> str:
+    cause = exc if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError) else exc.__cause__
+    if isinstance(cause, aiohttp.ClientError | asyncio.TimeoutError):
+        return next(name for cls, name in _AIOHTTP_KINDS if isinstance(cause, cls))
+    return next((name for cls, name in _TRANSPORT_KINDS if isinstance(exc, cls)), "http error")
 
 
 async def sse_events(response: httpx.Response, call: Call) -> AsyncIterator[tuple[str | None, str]]:
@@ -89,16 +135,25 @@ async def sse_events(response: httpx.Response, call: Call) -> AsyncIterator[tupl
 
 
 async def post(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncBaseTransport,
     call: Call,
     url: httpx.URL | str,
     content: bytes,
     headers: dict[str, str],
 ) -> httpx.Response:
-    """POST a whole request; a transport failure is raised as UpstreamFailure."""
+    """POST a whole request and read its reply; a transport failure is raised as UpstreamFailure.
+
+    Straight to the transport: an httpx client would add cookies, auth and redirects, none
+    of which an API call uses, at a cost that was a third of the daemon's time per request.
+    """
     failure: Failure | None = None
     try:
-        return await http.post(url, content=content, headers=headers, timeout=timeout(call.timeout))
+        response = await http.handle_async_request(_request(call, url, content, headers))
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
     except HTTP_ERRORS as exc:
         failure = translate_http_error(exc, call)
     raise UpstreamFailure(failure)
@@ -106,7 +161,7 @@ async def post(
 
 @asynccontextmanager
 async def open_stream(
-    http: httpx.AsyncClient,
+    http: httpx.AsyncBaseTransport,
     call: Call,
     url: httpx.URL | str,
     content: bytes,
@@ -120,9 +175,8 @@ async def open_stream(
     """
     failure: Failure | None = None
     try:
-        async with http.stream(
-            "POST", url, content=content, headers=headers, timeout=timeout(call.timeout)
-        ) as response:
+        response = await http.handle_async_request(_request(call, url, content, headers))
+        try:
             if response.is_success:
                 yield response
                 return
@@ -132,6 +186,8 @@ async def open_stream(
             except HTTP_ERRORS:
                 body = None  # the status alone still classifies it
             failure = classify_error(response, body)
+        finally:
+            await response.aclose()
     except HTTP_ERRORS as exc:
         failure = translate_http_error(exc, call)
     raise UpstreamFailure(failure)

@@ -1,7 +1,7 @@
 """The chat-completions adapter for OpenAI and every OpenAI-compatible API.
 
 One instance serves all ``openai`` and ``openai-compatible`` targets (OpenAI, Groq,
-OpenRouter, DeepSeek, vLLM, Ollama, ...) over the daemon's shared httpx client. httpx
+OpenRouter, DeepSeek, vLLM, Ollama, ...) over the daemon's shared httpx transport. httpx
 exceptions are translated here and nowhere else; callers only ever see UpstreamFailure.
 """
 
@@ -19,7 +19,7 @@ from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, transport_failure
 from routerd.core.limits import openai_limits
 from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
-from routerd.upstream.common import endpoint, open_stream, post, sse_events
+from routerd.upstream.common import endpoint, header_map, open_stream, post, sse_events
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -186,7 +186,7 @@ class OpenAIAdapter:
 
     def __init__(
         self,
-        http: httpx.AsyncClient,
+        http: httpx.AsyncBaseTransport,
         *,
         requests_per_day: bool = False,
         kind: str = "openai",
@@ -236,7 +236,7 @@ class OpenAIAdapter:
             raise UpstreamFailure(
                 classify(
                     response.status_code,
-                    response.headers,
+                    header_map(response),
                     response.content,
                     key=call.key,
                     now=time.time(),
@@ -251,7 +251,7 @@ class OpenAIAdapter:
             if reply.error is not None:  # OpenRouter can answer 200 with an error body
                 failure = classify(
                     response.status_code,
-                    response.headers,
+                    header_map(response),
                     {"error": reply.error},
                     key=call.key,
                     now=time.time(),
@@ -259,7 +259,7 @@ class OpenAIAdapter:
                 )
             else:
                 return _completion_of(
-                    reply, call, openai_limits(response.headers, requests_per_day=per_day)
+                    reply, call, openai_limits(header_map(response), requests_per_day=per_day)
                 )
         raise UpstreamFailure(failure)
 
@@ -272,7 +272,7 @@ class OpenAIAdapter:
         def failed(response: httpx.Response, body: bytes | None) -> Failure:
             return classify(
                 response.status_code,
-                response.headers,
+                header_map(response),
                 body,
                 key=call.key,
                 now=time.time(),
@@ -280,7 +280,7 @@ class OpenAIAdapter:
             )
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = openai_limits(response.headers, requests_per_day=per_day)
+            limits = openai_limits(header_map(response), requests_per_day=per_day)
             yield OpenAIStream(response, call, limits)
 
 

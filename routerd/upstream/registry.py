@@ -11,15 +11,15 @@ from routerd.upstream.base import Adapter
 from routerd.upstream.openai import OpenAIAdapter
 
 # One row per API kind (config.ProviderKind). Adding a provider API is a module and a row.
-_ADAPTERS: dict[str, Callable[[httpx.AsyncClient], Adapter]] = {
+_ADAPTERS: dict[str, Callable[[httpx.AsyncBaseTransport], Adapter]] = {
     "anthropic": lambda http: AnthropicAdapter(http),
     "openai": lambda http: OpenAIAdapter(http, kind="openai"),
     "openai-compatible": lambda http: OpenAIAdapter(http, kind="openai-compatible"),
 }
 
 
-def adapter_for(kind: str, http: httpx.AsyncClient) -> Adapter:
-    """The adapter for one API kind, built around the daemon's shared httpx client."""
+def adapter_for(kind: str, http: httpx.AsyncBaseTransport) -> Adapter:
+    """The adapter for one API kind, built around the daemon's shared httpx transport."""
     factory = _ADAPTERS.get(kind)
     if factory is not None:
         return factory(http)

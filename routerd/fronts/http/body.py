@@ -63,6 +63,9 @@ async def read_body(
                 if message["type"] == "http.disconnect":
                     return None
                 chunk: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
+                if buffer is None and not more and len(chunk) <= capacity:
+                    return chunk  # the whole body in one piece (the usual case): no copy
                 if chunk:
                     if size + len(chunk) > capacity:
                         raise BodyTooLarge
@@ -73,7 +76,7 @@ async def read_body(
                         buffer = mmap.mmap(-1, capacity)
                     buffer.write(chunk)
                     size += len(chunk)
-                if not message.get("more_body", False):
+                if not more:
                     # One copy out of the mapping, which closes right after.
                     return b"" if buffer is None else buffer[:size]
         raise BodyTimeout

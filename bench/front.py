@@ -1,0 +1,813 @@
+"""routerd's fronts (msgpack socket, HTTP front) and LiteLLM's proxy over one responder.
+
+One run starts an independent OpenAI-shaped responder (a minimal aiohttp app in its own
+process, not routerd's mock: a fixed chat completion with OpenAI's rate-limit headers, or
+with ``"stream": true`` an SSE stream of N chunks), a real ``routerd serve`` whose one route
+points at it (msgpack socket plus the HTTP front on loopback TCP), and LiteLLM's proxy
+(``litellm --config``) with one model pointing at it. The same load generator (an aiohttp
+client in this process) drives every HTTP path: the responder directly, routerd's HTTP
+front and LiteLLM's proxy; ``routerd_client.AsyncClient`` drives the msgpack socket.
+
+Measured, every path interleaved in rounds (the order rotating) so that drift on the
+machine weighs on all alike:
+
+- concurrency 1: p50 and p99, and what each path adds to the direct call;
+- throughput (requests/s) at concurrency 16 and 64, as a % of direct, and routerd's
+  throughput divided by LiteLLM's;
+- streaming: time to the first chunk at concurrency 1 (p50, added to direct) and chunks
+  relayed per second with 100 streams at once.
+
+    ./dev front       or    .venv-bench/bin/python bench/front.py [--requests N] [--rounds R]
+
+It needs LiteLLM's proxy (``litellm[proxy]``, the ``bench`` extra), which ``./dev front``
+installs in ``.venv-bench``; ``--skip-litellm`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import secrets
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from routerd_client import AsyncClient
+
+from routerd.launch import DaemonProcess
+
+KEY = "sk-front-" + secrets.token_hex(12)
+ROUTE = "bench"
+MODEL = "m"
+MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+# Large limits: the responder never throttles, and routerd never sees a window run dry.
+LIMIT_REQUESTS = 10_000_000
+LIMIT_TOKENS = 10_000_000_000
+
+DIRECT = "direct"
+MSGPACK = "routerd msgpack"
+HTTP_FRONT = "routerd HTTP front"
+LITELLM = "LiteLLM proxy"
+
+Call = Callable[[], Awaitable[None]]
+# A stream: returns (seconds to the first chunk, chunks received).
+Stream = Callable[[], Awaitable[tuple[float, int]]]
+
+
+# --- the responder (its own process) ---------------------------------------------------
+
+
+def serve_responder(chunks: int) -> None:
+    """Run the responder on 127.0.0.1 (a free port, printed on stdout) until SIGTERM."""
+    from aiohttp import web
+
+    created = int(time.time())
+    headers = {
+        "x-ratelimit-limit-requests": str(LIMIT_REQUESTS),
+        "x-ratelimit-remaining-requests": str(LIMIT_REQUESTS - 1),
+        "x-ratelimit-reset-requests": "6ms",
+        "x-ratelimit-limit-tokens": str(LIMIT_TOKENS),
+        "x-ratelimit-remaining-tokens": str(LIMIT_TOKENS - 100),
+        "x-ratelimit-reset-tokens": "0s",
+        "openai-processing-ms": "1",
+    }
+    usage = {"prompt_tokens": 18, "completion_tokens": chunks, "total_tokens": 18 + chunks}
+    completion = json.dumps(
+        {
+            "id": "chatcmpl-front",
+            "object": "chat.completion",
+            "created": created,
+            "model": MODEL,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Paris."},
+                    "logprobs": None,
+                    "finish_reason": "stop",
+                }
+            ],
+            "usage": usage,
+        }
+    ).encode()
+
+    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
+        body = {
+            "id": "chatcmpl-front",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(body).encode() + b"\n\n"
+
+    stream_chunks = [
+        chunk(
+            {"role": "assistant", "content": f"w{i} "} if i == 0 else {"content": f"w{i} "},
+            "stop" if i == chunks - 1 else None,
+        )
+        for i in range(chunks)
+    ]
+    usage_chunk = (
+        b"data: "
+        + json.dumps(
+            {
+                "id": "chatcmpl-front",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": MODEL,
+                "choices": [],
+                "usage": usage,
+            }
+        ).encode()
+        + b"\n\n"
+    )
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        body = json.loads(await request.read())
+        if not body.get("stream"):
+            return web.Response(body=completion, headers=headers, content_type="application/json")
+        response = web.StreamResponse(
+            headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
+        )
+        await response.prepare(request)
+        for piece in stream_chunks:
+            await response.write(piece)  # one write per chunk, as a provider sends them
+        if (body.get("stream_options") or {}).get("include_usage"):
+            await response.write(usage_chunk)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    print(sock.getsockname()[1], flush=True)
+    web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True)
+
+
+@dataclass
+class Child:
+    """A process this benchmark started, stopped with SIGTERM (then SIGKILL)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Stop it and its process group (it leads its own session)."""
+        if self.process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_responder(chunks: int) -> tuple[Child, int]:
+    """The responder process and its port."""
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--responder", "--chunks", str(chunks)],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # Ctrl-C reaches only the benchmark, which stops it
+    )
+    child = Child("responder", process)
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        if not line.strip():
+            raise RuntimeError(f"the responder exited with {process.wait()} before listening")
+        return child, int(line)
+    except BaseException:
+        child.stop()
+        raise
+
+
+# --- routerd and LiteLLM ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_routerd(workdir: Path, upstream: str, http_port: int, token: str) -> DaemonProcess:
+    """A real ``routerd serve``: one route to the responder, msgpack socket and HTTP front."""
+    config = workdir / "routerd.toml"
+    config.write_text(
+        f"""
+[server]
+state_file = "{workdir / "state.msgpack"}"
+log_level = "warning"
+http_listen = "127.0.0.1:{http_port}"
+http_token_env = "FRONT_HTTP_TOKEN"
+
+[providers.resp]
+kind = "openai-compatible"
+base_url = "{upstream}"
+credentials = [{{ label = "bench", key_env = "FRONT_BENCH_KEY" }}]
+
+[routes.{ROUTE}]
+chain = ["resp/{MODEL}"]
+"""
+    )
+    return DaemonProcess(
+        config,
+        socket_path=workdir / "routerd.sock",
+        env={
+            "FRONT_BENCH_KEY": KEY,
+            "FRONT_HTTP_TOKEN": token,
+            "XDG_STATE_HOME": str(workdir / "state"),
+        },
+        log_path=workdir / "routerd.log",
+    )
+
+
+def litellm_env(master_key: str) -> dict[str, str]:
+    """LiteLLM offline and quiet (its bundled cost map, no telemetry, errors only), keyed."""
+    env = dict(os.environ)
+    env.update(
+        {
+            # Like routerd's HTTP token: every request carries it (LiteLLM refuses to start
+            # without one).
+            "LITELLM_MASTER_KEY": master_key,
+            "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+            "LITELLM_OFFLINE_MODE": "true",
+            "HF_HUB_OFFLINE": "1",
+            "LITELLM_LOG": "ERROR",
+            "LITELLM_TELEMETRY": "False",
+            "FRONT_BENCH_KEY": KEY,
+        }
+    )
+    return env
+
+
+def start_litellm(
+    workdir: Path, upstream: str, port: int, master_key: str, timeout: float
+) -> Child:
+    """LiteLLM's proxy with one model on the responder; returns once /health/liveliness is 200."""
+    config = workdir / "litellm.yaml"
+    config.write_text(
+        f"""model_list:
+  - model_name: {MODEL}
+    litellm_params:
+      model: openai/{MODEL}
+      api_base: {upstream}
+      api_key: os.environ/FRONT_BENCH_KEY
+litellm_settings:
+  set_verbose: false
+  turn_off_message_logging: true
+"""
+    )
+    script = Path(sys.executable).parent / "litellm"
+    command = (
+        [str(script)] if script.exists() else [sys.executable, "-m", "litellm.proxy.proxy_cli"]
+    )
+    command += ["--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    log_path = workdir / "litellm.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            command,
+            env=litellm_env(master_key),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    child = Child("litellm", process)
+    try:
+        wait_healthy(process, f"http://127.0.0.1:{port}/health/liveliness", timeout, log_path)
+    except BaseException:
+        child.stop()
+        raise
+    return child
+
+
+def wait_healthy(
+    process: subprocess.Popen[bytes], url: str, timeout: float, log_path: Path
+) -> None:
+    """Poll ``url`` until it answers 200; raise with the log's tail if the process dies."""
+
+    def tail() -> str:
+        lines = log_path.read_text(errors="replace").splitlines()
+        return "\n".join("    " + line for line in lines[-15:])
+
+    async def poll() -> None:
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+            while time.monotonic() < deadline:
+                if process.poll() is not None:
+                    raise RuntimeError(f"exited with {process.returncode}; log:\n{tail()}")
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as response:
+                        if response.status == 200:
+                            return
+                await asyncio.sleep(0.25)
+        raise RuntimeError(f"not healthy within {timeout:.0f} s; log:\n{tail()}")
+
+    asyncio.run(poll())
+
+
+# --- the load generator ----------------------------------------------------------------
+
+
+class Failed(Exception):
+    """A request that did not come back as expected."""
+
+
+def http_paths(
+    session: aiohttp.ClientSession, url: str, model: str, token: str
+) -> tuple[Call, Stream]:
+    """One HTTP path's call and stream: the same code for the responder, routerd, LiteLLM."""
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    plain = json.dumps({"model": model, "messages": MESSAGES}).encode()
+    streamed = json.dumps(
+        {
+            "model": model,
+            "messages": MESSAGES,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+    ).encode()
+
+    async def call() -> None:
+        async with session.post(url, data=plain, headers=headers) as response:
+            data = await response.read()
+            if response.status != 200:
+                raise Failed(f"HTTP {response.status}: {data[:200]!r}")
+            if not json.loads(data)["choices"]:
+                raise Failed("no choices")
+
+    async def stream() -> tuple[float, int]:
+        started = time.perf_counter()
+        first = 0.0
+        chunks = 0
+        done = False
+        async with session.post(url, data=streamed, headers=headers) as response:
+            if response.status != 200:
+                raise Failed(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+            async for line in response.content:
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    done = True
+                    continue
+                choices = json.loads(payload).get("choices")
+                if choices and choices[0].get("delta", {}).get("content"):
+                    if not chunks:
+                        first = time.perf_counter() - started
+                    chunks += 1
+        if not done:
+            raise Failed("stream ended without [DONE]")
+        return first, chunks
+
+    return call, stream
+
+
+def msgpack_paths(client: AsyncClient) -> tuple[Call, Stream]:
+    """The msgpack socket's call and stream, through routerd_client.AsyncClient."""
+
+    async def call() -> None:
+        result = await client.chat(ROUTE, messages=MESSAGES)
+        if not result.text:
+            raise Failed("empty text")
+
+    async def stream() -> tuple[float, int]:
+        started = time.perf_counter()
+        first = 0.0
+        chunks = 0
+        async for chunk in client.stream(ROUTE, messages=MESSAGES):
+            if chunk.text:
+                if not chunks:
+                    first = time.perf_counter() - started
+                chunks += 1
+        return first, chunks
+
+    return call, stream
+
+
+@dataclass
+class Figures:
+    """Everything measured on one path, accumulated over the rounds."""
+
+    latency_ms: list[float] = field(default_factory=list)
+    # concurrency -> (requests served, seconds)
+    throughput: dict[int, tuple[int, float]] = field(default_factory=dict)
+    ttfc_ms: list[float] = field(default_factory=list)
+    stream_chunks: int = 0
+    stream_seconds: float = 0.0
+    streams: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    sample_error: str = ""
+
+    def failed(self, exc: BaseException) -> None:
+        """Count one failure by its type, keeping one message."""
+        kind = type(exc).__name__
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        self.sample_error = self.sample_error or f"{kind}: {' '.join(str(exc).split())[:160]}"
+
+    def rate(self, concurrency: int) -> float:
+        """Requests served per second at ``concurrency``."""
+        served, seconds = self.throughput.get(concurrency, (0, 0.0))
+        return served / seconds if seconds else 0.0
+
+    def chunk_rate(self) -> float:
+        """Content chunks received per second with many streams at once."""
+        return self.stream_chunks / self.stream_seconds if self.stream_seconds else 0.0
+
+
+async def run_many(
+    work: Callable[[], Awaitable[Any]], total: int, concurrency: int, figures: Figures
+) -> tuple[int, list[Any]]:
+    """``total`` calls ``concurrency`` at a time; failures are counted, never raised."""
+    counter = iter(range(total))
+    results: list[Any] = []
+
+    async def worker() -> None:
+        for _ in counter:
+            try:
+                results.append(await work())
+            except Exception as exc:  # every failure is a figure of the run
+                figures.failed(exc)
+
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(concurrency):
+            tg.create_task(worker())
+    return len(results), results
+
+
+async def latency(call: Call, total: int, figures: Figures) -> None:
+    """Concurrency 1: each request's latency (after a short warm-up)."""
+    await run_many(call, min(10, total), 1, Figures())  # warm-up
+    for _ in range(total):
+        started = time.perf_counter()
+        try:
+            await call()
+        except Exception as exc:
+            figures.failed(exc)
+            continue
+        figures.latency_ms.append((time.perf_counter() - started) * 1000)
+
+
+async def throughput(call: Call, total: int, concurrency: int, figures: Figures) -> None:
+    """Requests served per second at ``concurrency`` (connections opened beforehand)."""
+    await run_many(call, concurrency, concurrency, Figures())
+    started = time.perf_counter()
+    served, _ = await run_many(call, total, concurrency, figures)
+    seconds = time.perf_counter() - started
+    before = figures.throughput.get(concurrency, (0, 0.0))
+    figures.throughput[concurrency] = (before[0] + served, before[1] + seconds)
+
+
+async def first_chunk(stream: Stream, total: int, figures: Figures) -> None:
+    """Concurrency 1: time to the first content chunk of each stream."""
+    await run_many(stream, min(5, total), 1, Figures())  # warm-up
+    for _ in range(total):
+        try:
+            first, _ = await stream()
+        except Exception as exc:
+            figures.failed(exc)
+            continue
+        figures.ttfc_ms.append(first * 1000)
+
+
+async def relay(stream: Stream, total: int, concurrency: int, figures: Figures) -> None:
+    """Content chunks received per second with ``concurrency`` streams at once."""
+    await run_many(stream, concurrency, concurrency, Figures())
+    started = time.perf_counter()
+    served, results = await run_many(stream, total, concurrency, figures)
+    figures.stream_seconds += time.perf_counter() - started
+    figures.stream_chunks += sum(chunks for _, chunks in results)
+    figures.streams += served
+
+
+@dataclass
+class Plan:
+    """What to run: per measurement, per round, per path."""
+
+    requests: int
+    rounds: int
+    streams: int
+    stream_concurrency: int
+    concurrencies: tuple[int, ...] = (16, 64)
+
+
+async def measure(
+    plan: Plan,
+    responder: str,
+    socket_path: Path,
+    http_front: str,
+    token: str,
+    litellm: tuple[str, str] | None,
+) -> dict[str, Figures]:
+    """Every measurement on every path, interleaved in rounds."""
+    limit = max(*plan.concurrencies, plan.stream_concurrency) + 8
+    timeout = aiohttp.ClientTimeout(total=120)
+    sessions: list[aiohttp.ClientSession] = []
+
+    def session() -> aiohttp.ClientSession:
+        # One session (and connection pool) per HTTP path, all alike.
+        # Idle connections closed before the servers' keep-alive (5 s) ends, so none is
+        # reused just as the server closes it.
+        connector = aiohttp.TCPConnector(limit=limit, limit_per_host=limit, keepalive_timeout=2.0)
+        made = aiohttp.ClientSession(connector=connector, timeout=timeout)
+        sessions.append(made)
+        return made
+
+    paths: dict[str, tuple[Call, Stream]] = {}
+    try:
+        paths[DIRECT] = http_paths(session(), f"{responder}/chat/completions", MODEL, KEY)
+        async with AsyncClient(str(socket_path), name="front-bench", timeout=120) as client:
+            paths[MSGPACK] = msgpack_paths(client)
+            paths[HTTP_FRONT] = http_paths(
+                session(), f"{http_front}/v1/chat/completions", ROUTE, token
+            )
+            if litellm is not None:
+                litellm_url, master_key = litellm
+                paths[LITELLM] = http_paths(
+                    session(), f"{litellm_url}/v1/chat/completions", MODEL, master_key
+                )
+            figures = {name: Figures() for name in paths}
+            names = list(paths)
+
+            def order(round_no: int) -> list[str]:
+                shift = round_no % len(names)
+                return names[shift:] + names[:shift]
+
+            per_round = max(1, plan.requests // plan.rounds)
+            streams_per_round = max(1, plan.streams // plan.rounds)
+            for r in range(plan.rounds):
+                step = time.monotonic()
+                for name in order(r):
+                    call, stream = paths[name]
+                    await latency(call, per_round, figures[name])
+                    for concurrency in plan.concurrencies:
+                        await throughput(call, per_round, concurrency, figures[name])
+                    await first_chunk(stream, max(1, per_round // 2), figures[name])
+                    await relay(stream, streams_per_round, plan.stream_concurrency, figures[name])
+                print(
+                    f"  round {r + 1}/{plan.rounds} done in {time.monotonic() - step:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            return figures
+    finally:
+        for made in sessions:
+            await made.close()
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def percentile(samples: list[float], q: float) -> float:
+    """The q-th percentile (0..100) of ``samples``, nearest rank."""
+    if not samples:
+        return float("nan")
+    ordered = sorted(samples)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(samples: list[float]) -> float:
+    """The median, or NaN when there are no samples."""
+    return statistics.median(samples) if samples else float("nan")
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    """A plain text table, the first column left-aligned, the rest right-aligned."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for line in [header, *rows]:
+        cells = [line[0].ljust(widths[0])] + [
+            c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)
+        ]
+        print(("  " + "  ".join(cells)).rstrip())
+
+
+def report(figures: dict[str, Figures], plan: Plan, chunks: int) -> None:
+    """The two tables: request/reply, then streaming."""
+    direct = figures[DIRECT]
+    lite = figures.get(LITELLM)
+    d50, d99 = median(direct.latency_ms), percentile(direct.latency_ms, 99)
+
+    def vs_litellm(name: str, concurrency: int) -> str:
+        if name not in (MSGPACK, HTTP_FRONT) or lite is None or not lite.rate(concurrency):
+            return ""
+        return f"{figures[name].rate(concurrency) / lite.rate(concurrency):.2f}x"
+
+    c_lo, c_hi = plan.concurrencies
+    rows = []
+    for name, fig in figures.items():
+        p50, p99 = median(fig.latency_ms), percentile(fig.latency_ms, 99)
+        rows.append(
+            [
+                name,
+                f"{p50:.3f}",
+                f"{p99:.3f}",
+                "" if name == DIRECT else f"{p50 - d50:+.3f}",
+                "" if name == DIRECT else f"{p99 - d99:+.3f}",
+                f"{fig.rate(c_lo):.0f}",
+                f"{100 * fig.rate(c_lo) / direct.rate(c_lo):.0f}%",
+                f"{fig.rate(c_hi):.0f}",
+                f"{100 * fig.rate(c_hi) / direct.rate(c_hi):.0f}%",
+                vs_litellm(name, c_lo),
+                vs_litellm(name, c_hi),
+            ]
+        )
+    print(
+        f"\nRequest/reply: concurrency 1 latency in ms ({plan.requests} requests per path); "
+        f"throughput at concurrency {c_lo} and {c_hi}"
+    )
+    print_table(
+        [
+            *("path", "p50", "p99", "added p50", "added p99"),
+            *(f"req/s c{c_lo}", "% direct", f"req/s c{c_hi}", "% direct"),
+            *(f"/LiteLLM c{c_lo}", f"/LiteLLM c{c_hi}"),
+        ],
+        rows,
+    )
+
+    d_first = median(direct.ttfc_ms)
+    stream_rows = []
+    for name, fig in figures.items():
+        first = median(fig.ttfc_ms)
+        per_stream = fig.stream_chunks / fig.streams if fig.streams else 0.0
+        lite_ratio = ""
+        if name in (MSGPACK, HTTP_FRONT) and lite is not None and lite.chunk_rate():
+            lite_ratio = f"{fig.chunk_rate() / lite.chunk_rate():.2f}x"
+        stream_rows.append(
+            [
+                name,
+                f"{first:.3f}",
+                "" if name == DIRECT else f"{first - d_first:+.3f}",
+                f"{fig.chunk_rate():.0f}",
+                f"{100 * fig.chunk_rate() / direct.chunk_rate():.0f}%",
+                f"{per_stream:.1f}",
+                lite_ratio,
+            ]
+        )
+    print(
+        f"\nStreaming: {chunks} content chunks per stream; first chunk at concurrency 1 "
+        f"(ms, p50); chunks/s with {plan.stream_concurrency} streams at once "
+        f"({plan.streams} streams per path)"
+    )
+    print_table(
+        [
+            *("path", "first chunk", "added", "chunks/s", "% direct"),
+            *("chunks/stream", "/LiteLLM"),
+        ],
+        stream_rows,
+    )
+    failures = [(name, fig) for name, fig in figures.items() if fig.errors]
+    print("\nfailed requests: " + ("none" if not failures else ""))
+    for name, fig in failures:
+        counts = ", ".join(f"{kind} x{n}" for kind, n in fig.errors.items())
+        print(f"  {name}: {counts}; e.g. {fig.sample_error}")
+
+
+def package_version(name: str) -> str:
+    """An installed distribution's version, or "not installed"."""
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@contextlib.contextmanager
+def workspace() -> Iterator[Path]:
+    """A short temporary directory (Unix socket paths are limited to ~100 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="routerd-front-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Start the responder, routerd and LiteLLM's proxy, measure, print, stop them all."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=1000, help="requests per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds the paths interleave in")
+    parser.add_argument("--chunks", type=int, default=20, help="content chunks per stream")
+    parser.add_argument(
+        "--streams", type=int, default=None, help="streams per path at 100 at once (--requests)"
+    )
+    parser.add_argument("--stream-concurrency", type=int, default=100)
+    parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
+    parser.add_argument("--litellm-timeout", type=float, default=180.0, help=argparse.SUPPRESS)
+    parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.responder:
+        serve_responder(args.chunks)
+        return
+
+    # SIGTERM as Ctrl-C: unwind through the finally blocks that stop every process.
+    signal.signal(signal.SIGTERM, _interrupted)
+    started = time.monotonic()
+    plan = Plan(
+        requests=args.requests,
+        rounds=max(1, args.rounds),
+        streams=args.streams or args.requests,
+        stream_concurrency=args.stream_concurrency,
+    )
+    token = "rt-" + secrets.token_hex(16)
+    children: list[Child] = []
+    litellm_note = "skipped (--skip-litellm)"
+    with contextlib.ExitStack() as stack:
+        workdir = stack.enter_context(workspace())
+        try:
+            responder, port = start_responder(args.chunks)
+            children.append(responder)
+            upstream = f"http://127.0.0.1:{port}/v1"
+            http_port = free_port()
+            daemon = stack.enter_context(start_routerd(workdir, upstream, http_port, token))
+            litellm: tuple[str, str] | None = None
+            if not args.skip_litellm:
+                litellm_port = free_port()
+                master_key = "sk-" + secrets.token_hex(16)
+                print("starting LiteLLM's proxy ...", file=sys.stderr, flush=True)
+                launched = time.monotonic()
+                try:
+                    children.append(
+                        start_litellm(
+                            workdir, upstream, litellm_port, master_key, args.litellm_timeout
+                        )
+                    )
+                except (RuntimeError, OSError) as exc:
+                    litellm_note = "did not start (why: above), its rows are left out"
+                    print(f"LiteLLM's proxy did not start: {exc}", flush=True)
+                else:
+                    litellm = (f"http://127.0.0.1:{litellm_port}", master_key)
+                    litellm_note = (
+                        f"{package_version('litellm')} proxy (`litellm --config`, its defaults; "
+                        f"healthy after {time.monotonic() - launched:.1f} s)"
+                    )
+            print(
+                f"measuring {plan.rounds} rounds ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            figures = asyncio.run(
+                measure(
+                    plan,
+                    upstream,
+                    daemon.socket_path,
+                    f"http://127.0.0.1:{http_port}",
+                    token,
+                    litellm,
+                )
+            )
+            routerd_failed = any(figures[n].errors for n in (MSGPACK, HTTP_FRONT))
+            routerd_log = daemon.log_text().splitlines()[-10:] if routerd_failed else []
+        finally:
+            for child in reversed(children):
+                child.stop()
+
+    print("routerd fronts and LiteLLM's proxy over one independent aiohttp responder on loopback")
+    print(
+        f"routerd {package_version('routerd')}, LiteLLM {litellm_note}, aiohttp "
+        f"{package_version('aiohttp')}, Python {platform.python_version()}, {platform.system()} "
+        f"{platform.machine()}, {os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    )
+    print(f"{plan.rounds} rounds, paths interleaved (order rotating each round)")
+    report(figures, plan, args.chunks)
+    if routerd_log:
+        print("routerd's log, last lines:")
+        for line in routerd_log:
+            print("    " + line[:300])
+    print(f"\ntotal run time {time.monotonic() - started:.1f} s")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every process this run started is stopped")
