@@ -15,7 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport
+from routerd.core.window import LearnedWindow as LearnedWindow
 
 BACKOFF_BASE_S = 1.0
 BACKOFF_MAX_S = 60.0
@@ -26,9 +27,6 @@ PROBATION_S = 2.0
 # The shortest cooldown, whatever the provider says ("retry-after: 0" included): a key that
 # keeps answering 429 is never tried in a tight loop.
 MIN_COOLDOWN_S = 0.1
-# After a window's reset passed, the new window's reset is unknown until the next reply
-# reports it; this guess only matters when replies carry no rate-limit headers.
-ROLLOVER_S = 60.0
 
 
 class Health(enum.StrEnum):
@@ -40,91 +38,19 @@ class Health(enum.StrEnum):
     DISABLED = "disabled"
 
 
-@dataclass(slots=True)
-class LearnedWindow:
-    """A provider-reported window and a safe estimate of what is left in it now.
-
-    ``remaining`` is a lower bound: a reply's figure less everything the provider may not
-    have counted when it wrote it. What had been answered before that request was sent is
-    surely counted; anything else we sent may not be, in whatever order the provider
-    handled it. Each reply gives such a bound, each request we send lowers it, and the
-    larger of two bounds is still one. Once the reset passed, the window is whole again;
-    its next reset is a guess (``ROLLOVER_S``) until a reply reports it.
-    """
-
-    limit: int | None = None
-    remaining: int | None = None
-    reset_at: float = 0.0
-    guessed: bool = True
-    sent: int = 0
-    answered: int = 0
-
-    def learn(self, window: Window | None, now: float, answered_at_send: int, amount: int) -> None:
-        """Take the report of a reply to a request of ``amount``.
-
-        ``answered_at_send`` is what had been answered when that request was sent.
-        """
-        if window is None:
-            return
-        if window.limit is not None:
-            self.limit = window.limit
-        if window.remaining is not None:
-            unreported = max(0, self.sent - answered_at_send - amount)
-            bound = max(0, window.remaining - unreported)
-            if self.remaining is None or now >= self.reset_at:
-                self.remaining = bound
-            else:
-                self.remaining = max(self.remaining, bound)
-        if window.reset_s is not None:
-            reset_at = now + window.reset_s
-            if self.guessed or now >= self.reset_at:
-                self.reset_at = reset_at
-            else:
-                self.reset_at = max(self.reset_at, reset_at)
-            self.guessed = False
-
-    def left(self, now: float) -> int | None:
-        """What is left now; once the reset passed, the whole limit (None when unknown)."""
-        if self.remaining is None:
-            return None
-        if now >= self.reset_at:
-            return self.limit if self.limit is not None else None
-        return self.remaining
-
-    def spend(self, amount: int, now: float) -> int:
-        """Count a request we send; returns what had been answered so far (its mark)."""
-        self.sent += amount
-        if self.remaining is not None:
-            if now >= self.reset_at and self.limit is not None:
-                self.remaining = self.limit
-                self.reset_at = now + ROLLOVER_S
-                self.guessed = True
-            self.remaining = max(0, self.remaining - amount)
-        return self.answered
-
-    def answer(self, amount: int) -> None:
-        """A request we sent was answered (or given up on)."""
-        self.answered += amount
-
-    def fraction(self, now: float) -> float | None:
-        """Remaining share of the window, 0..1, None when unknown."""
-        left = self.left(now)
-        if left is None or not self.limit:
-            return None
-        return max(0.0, min(1.0, left / self.limit))
-
-
 @dataclass(frozen=True, slots=True)
 class Lease:
     """One request on a credential: its token estimate and what had been answered before it.
 
-    ``long`` when the request uses the credential's long-context lane.
+    ``long`` when the request uses the credential's long-context lane; ``sent_at`` when
+    it was sent, which dates the provider's count of it.
     """
 
     tokens: int
     requests_mark: int
     tokens_mark: int
     long: bool = False
+    sent_at: float | None = None
 
 
 @dataclass(slots=True)
@@ -240,12 +166,9 @@ class CredentialState:
             and now < self.long_probation_until
         ):
             return self.long_probation_until
-        left = self.requests.left(now)
-        if left is not None and left <= 0:
-            at = max(at, self.requests.reset_at)
-        tok_left = self.tokens.left(now)
-        if tok_left is not None and tok_left < tokens and tokens <= (self.tokens.limit or 0):
-            at = max(at, self.tokens.reset_at)
+        at = max(at, self.requests.free_at(1, now))
+        if tokens <= (self.tokens.limit or 0):
+            at = max(at, self.tokens.free_at(tokens, now))
         if self.rpm is not None:
             at = max(at, self.rpm.free_at(1, now))
         if self.tpm is not None and tokens <= self.tpm.limit:
@@ -282,7 +205,8 @@ class CredentialState:
         self.in_flight += 1
         self.uses += 1
         self.last_used = now
-        lease = Lease(tokens, self.requests.spend(1, now), self.tokens.spend(tokens, now), long)
+        marks = self.requests.spend(1, now), self.tokens.spend(tokens, now)
+        lease = Lease(tokens, *marks, long=long, sent_at=now)
         if self.rpm is not None:
             self.rpm.spend(1, now)
         if self.tpm is not None:
@@ -303,8 +227,19 @@ class CredentialState:
             self.tokens.answer(lease.tokens)
         self.changed()
 
-    def learn(self, limits: RateLimitReport | None, now: float, lease: Lease | None = None) -> None:
-        """Take the rate-limit headers of the reply to ``lease``."""
+    def learn(
+        self,
+        limits: RateLimitReport | None,
+        now: float,
+        lease: Lease | None = None,
+        *,
+        counted: bool = True,
+    ) -> None:
+        """Take the rate-limit headers of the reply to ``lease``.
+
+        ``counted``: the provider took the request into its windows (it did not refuse it),
+        so the reply dates a share of them.
+        """
         if limits is None:
             return
         if lease is None:
@@ -312,9 +247,10 @@ class CredentialState:
             amount = 0
         else:
             amount = 1
-        self.requests.learn(limits.requests, now, lease.requests_mark, amount)
+        sent_at = lease.sent_at if counted else None
+        self.requests.learn(limits.requests, now, lease.requests_mark, amount, sent_at)
         self.tokens.learn(
-            limits.tokens or limits.input_tokens, now, lease.tokens_mark, lease.tokens
+            limits.tokens or limits.input_tokens, now, lease.tokens_mark, lease.tokens, sent_at
         )
         self.changed()
 
@@ -349,7 +285,7 @@ class CredentialState:
         self, failure: Failure, now: float, rng: random.Random, lease: Lease | None = None
     ) -> None:
         """Apply the router action of README.md's failure-class table to this credential."""
-        self.learn(failure.limits, now, lease)
+        self.learn(failure.limits, now, lease, counted=False)
         self.release(lease)
         self._failed(failure, now, rng)
         self.changed()
@@ -392,9 +328,7 @@ class CredentialState:
         self.until = max(previous, now + max(hint, MIN_COOLDOWN_S))
         self.reason = reason
         # The window is full: until its reset, our local estimate must say so too.
-        if self.requests.remaining is not None:
-            self.requests.remaining = 0
-            self.requests.reset_at = max(self.requests.reset_at, self.until)
+        self.requests.refused(self.until)
 
     def long_lane_open(self, now: float) -> bool:
         """Whether long-context requests may use this credential now."""

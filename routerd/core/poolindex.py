@@ -42,10 +42,7 @@ def rest_until(c: CredentialState, now: float) -> float:
         return math.inf
     if not c.proven and c.in_flight and now < c.probation_until:
         return c.probation_until
-    at = now
-    left = c.requests.left(now)
-    if left is not None and left <= 0:
-        at = max(at, c.requests.reset_at)
+    at = max(now, c.requests.free_at(1, now))
     if c.rpm is not None:
         at = max(at, c.rpm.free_at(1, now))
     return at
@@ -145,11 +142,12 @@ class PoolIndex:
         key = self._key(c, pos, now)
         insort(self.keys, key)
         self.key_of[pos] = key
-        # A window's reset changes the key's headroom and what the key may take.
+        # A window's reset, or our send leaving a sliding window, changes the key's headroom
+        # and what the key may take.
         wake = _constrained_until(c, now)
         if wake:
             self.constrained.add(pos)
-        for at in (c.requests.reset_at, c.tokens.reset_at, wake):
+        for at in (c.requests.next_change(now), c.tokens.next_change(now), wake):
             if now < at < math.inf:
                 heapq.heappush(self.timers, (at, pos, self.stamps[pos]))
 

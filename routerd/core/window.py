@@ -1,0 +1,178 @@
+"""A provider's rate-limit window as one credential learns it: what is left, when more frees.
+
+Pure and synchronous: time comes in as ``now`` (monotonic seconds).
+"""
+
+from __future__ import annotations
+
+import math
+from bisect import insort
+from dataclasses import dataclass, field
+
+from routerd.core.outcome import Window
+
+# After a window's reset passed, the new window's reset is unknown until the next reply
+# reports it; this guess only matters when replies carry no rate-limit headers.
+ROLLOVER_S = 60.0
+# Shares awaiting their return, at most; a share past this is never credited back, so a
+# busier window only falls back to waiting for its reset.
+FREES_MAX = 4096
+# Rounding a provider may apply to its resets (the mock rounds up to the millisecond).
+RESET_ROUNDING_S = 0.001
+
+
+@dataclass(slots=True)
+class LearnedWindow:
+    """A provider-reported window and a safe estimate of what is left in it now.
+
+    ``remaining`` is a lower bound: a reply's figure less everything the provider may not
+    have counted when it wrote it. What had been answered before that request was sent is
+    surely counted; anything else we sent may not be, in whatever order the provider
+    handled it. Each reply gives such a bound, each request we send lowers it, and the
+    larger of two bounds is still one. Once the reset passed, the window is whole again;
+    its next reset is a guess (``ROLLOVER_S``) until a reply reports it.
+
+    A sliding window frees each request's share a window length after the provider
+    counted it, not all at once at the reset (which is when the newest share leaves). A
+    reply that counted our request says when the window is whole again (its reset, from
+    when we read it), which is no earlier than our own share leaves: that share is
+    credited back then (``frees``), one by one. A reply's figure may already show a share
+    freed that we credit later; so it only raises the estimate by what it adds beyond the
+    shares that may have left by then (sent at least a window ago, the window being at
+    least as long as any reset reported).
+    """
+
+    limit: int | None = None
+    remaining: int | None = None
+    reset_at: float = 0.0
+    guessed: bool = True
+    sent: int = 0
+    answered: int = 0
+    # The longest reset a reply reported: a sliding window is at least this long.
+    longest_reset: float = 0.0
+    # (when it is back, when it was sent, amount), in order: answered shares to credit back.
+    frees: list[tuple[float, float, int]] = field(default_factory=list)
+
+    def learn(
+        self,
+        window: Window | None,
+        now: float,
+        answered_at_send: int,
+        amount: int,
+        sent_at: float | None = None,
+    ) -> None:
+        """Take the report of a reply to a request of ``amount`` sent at ``sent_at``.
+
+        ``answered_at_send`` is what had been answered when that request was sent;
+        ``sent_at`` is None unless the provider counted the request (it did not refuse it).
+        """
+        if window is None:
+            return
+        self._roll(now)
+        if window.limit is not None:
+            self.limit = window.limit
+        if window.remaining is not None:
+            unreported = max(0, self.sent - answered_at_send - amount)
+            bound = max(0, window.remaining - unreported)
+            if self.remaining is None or now >= self.reset_at:
+                self.remaining = bound
+            else:
+                self.remaining = max(self.remaining, bound - self._maybe_freed(now))
+        if window.reset_s is not None:
+            reset_at = now + window.reset_s
+            if self.guessed or now >= self.reset_at:
+                self.reset_at = reset_at
+            else:
+                self.reset_at = max(self.reset_at, reset_at)
+            self.guessed = False
+            if sent_at is not None and window.remaining is not None:
+                self.longest_reset = max(self.longest_reset, window.reset_s)
+                if amount and len(self.frees) < FREES_MAX:
+                    insort(self.frees, (reset_at, sent_at, amount))
+
+    def _maybe_freed(self, now: float) -> int:
+        """What of the shares still to credit the provider may have freed by ``now``."""
+        shortest = self.longest_reset - RESET_ROUNDING_S
+        return sum(amount for _, sent_at, amount in self.frees if sent_at + shortest <= now)
+
+    def _roll(self, now: float) -> None:
+        """Fold into ``remaining`` the shares that are back by ``now``."""
+        back = 0
+        while back < len(self.frees) and self.frees[back][0] <= now:
+            back += 1
+        freed = sum(amount for _, _, amount in self.frees[:back])
+        del self.frees[:back]
+        if freed and self.remaining is not None:
+            self.remaining += freed
+            if self.limit is not None:
+                self.remaining = min(self.remaining, self.limit)
+
+    def left(self, now: float) -> int | None:
+        """What is left now; once the reset passed, the whole limit (None when unknown)."""
+        if self.remaining is None:
+            return None
+        if now >= self.reset_at:
+            return self.limit if self.limit is not None else None
+        left = self.remaining
+        for at, _, amount in self.frees:
+            if at > now:
+                break
+            left += amount
+        return min(left, self.limit) if self.limit is not None else left
+
+    def free_at(self, amount: int, now: float) -> float:
+        """When ``amount`` fits (``now`` if it does or nothing is known): as answered shares
+        come back, else at the reset."""
+        left = self.left(now)
+        if left is None or left >= amount or now >= self.reset_at:
+            return now
+        need = amount - left
+        for at, _, spent in self.frees:
+            if at <= now:
+                continue
+            need -= spent
+            if need <= 0:
+                return min(self.reset_at, at)
+        return self.reset_at
+
+    def next_change(self, now: float) -> float:
+        """When what is left next grows (a share back, or the reset); inf: never."""
+        at = self.reset_at if now < self.reset_at else math.inf
+        for back, _, _ in self.frees:
+            if back > now:
+                return min(at, back)
+        return at
+
+    def spend(self, amount: int, now: float) -> int:
+        """Count a request we send; returns what had been answered so far (its mark)."""
+        self._roll(now)
+        self.sent += amount
+        if self.remaining is not None:
+            if now >= self.reset_at and self.limit is not None:
+                self.remaining = self.limit
+                self.reset_at = now + ROLLOVER_S
+                self.guessed = True
+            self.remaining = max(0, self.remaining - amount)
+        return self.answered
+
+    def answer(self, amount: int) -> None:
+        """A request we sent was answered (or given up on)."""
+        self.answered += amount
+
+    def refused(self, until: float) -> None:
+        """The provider said the window is full: nothing is left until ``until`` at least.
+
+        The shares awaiting their return are forgotten: the provider counts something we
+        did not, so only the reset is trusted until new replies date shares again.
+        """
+        if self.remaining is not None:
+            self.remaining = 0
+            self.reset_at = max(self.reset_at, until)
+        self.frees.clear()
+
+    def fraction(self, now: float) -> float | None:
+        """Remaining share of the window, 0..1, None when unknown."""
+        left = self.left(now)
+        if left is None or not self.limit:
+            return None
+        return max(0.0, min(1.0, left / self.limit))

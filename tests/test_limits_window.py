@@ -1,0 +1,144 @@
+"""A sliding window's capacity as it frees: each share comes back a window after its send."""
+
+from __future__ import annotations
+
+import heapq
+import random
+
+import pytest
+
+from routerd.core.credential import CredentialState, Lease
+from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
+from routerd.core.poolindex import INDEX_MIN, PoolIndex, rest_until
+from routerd.mock.limits import SlidingWindow, ceil_ms
+
+LIMIT = 3
+LENGTH = 2.0
+LATENCY = 0.01
+
+
+def cred(label: str = "a") -> CredentialState:
+    return CredentialState("p", label, f"sha256:{label}", 0, proven=True)
+
+
+def provider_reply(provider: SlidingWindow, at: float) -> RateLimitReport:
+    """What the mock provider says about its window at ``at``, reset rounded up to the ms."""
+    state = provider.state(at)
+    return RateLimitReport(
+        requests=Window(state.limit, state.remaining, ceil_ms(state.reset_s) / 1000)
+    )
+
+
+def spend_window(c: CredentialState, provider: SlidingWindow, sends: list[float]) -> None:
+    """Send at each of ``sends``; the provider counts it then, its reply comes LATENCY later."""
+    for at in sends:
+        lease = c.lease(at, 1)
+        assert provider.wait_for(1, at) == 0
+        provider.add(1, at)
+        c.succeeded(at + LATENCY, 5.0, provider_reply(provider, at), lease)
+
+
+def test_a_spent_sliding_window_frees_its_oldest_share_first() -> None:
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    spend_window(c, provider, [0.0, 0.5, 1.0])
+    assert c.requests.left(1.1) == 0
+    # The share taken at 0.0 leaves the provider's window at 2.0; the reset (3.0) is when
+    # the last one leaves. Before: the key waited for the reset, a third of a window idle.
+    assert c.free_at(1.1, 1) == pytest.approx(LENGTH + LATENCY)
+    assert c.free_at(1.1, 1) < c.requests.reset_at
+    assert provider.wait_for(1, c.free_at(1.1, 1)) == 0  # the provider agrees it is free
+
+
+def test_shares_come_back_one_by_one_and_the_provider_never_refuses_them() -> None:
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    spend_window(c, provider, [0.0, 0.5, 1.0])
+    assert c.requests.left(2.02) == 1
+    assert c.requests.left(2.52) == 2
+    assert c.requests.left(3.02) == 3
+    # Taking the first freed share waits again for the next one, at 0.5 + LENGTH.
+    spend_window(c, provider, [2.02])
+    assert c.requests.free_at(2, 2.1) == pytest.approx(1.0 + LENGTH + LATENCY)
+
+
+def test_a_saturated_key_serves_its_window_in_full_without_a_429() -> None:
+    """Requests arrive faster than the key's window allows: it sends each as a share frees."""
+    c, provider = cred(), SlidingWindow(10, LENGTH)
+    replies: list[tuple[float, int, Lease, RateLimitReport]] = []
+    served = pending = 0
+    now, arrival, end = 0.0, 0.0, 20.0
+    while now < end:
+        while replies and replies[0][0] <= now:
+            at, _, lease, report = heapq.heappop(replies)
+            c.succeeded(at, 5.0, report, lease)
+        while arrival <= now:
+            pending, arrival = pending + 1, arrival + 0.05
+        if pending and c.free_at(now, 1) <= now:
+            lease = c.lease(now, 1)
+            assert provider.wait_for(1, now) == 0, f"the provider refuses at {now}"
+            provider.add(1, now)
+            served, pending = served + 1, pending - 1
+            heapq.heappush(replies, (now + LATENCY, served, lease, provider_reply(provider, now)))
+            continue
+        wakes = [arrival, *(r[0] for r in replies[:1])]
+        if pending:
+            wakes.append(c.free_at(now, 1))
+        now = min(wakes)
+    # Ten per window over ten windows; only the replies' latency is lost to inferring.
+    assert served >= 0.98 * 10 * (end / LENGTH)
+
+
+def test_a_share_counted_late_comes_back_as_late() -> None:
+    # The request waited 0.3 s before the provider counted it: its share leaves at 2.3,
+    # which its reply's reset (read at 0.31) tells; its send time would say 2.0, a 429.
+    c, provider = cred(), SlidingWindow(1, LENGTH)
+    lease = c.lease(0.0, 1)
+    provider.add(1, 0.3)
+    c.succeeded(0.31, 5.0, provider_reply(provider, 0.3), lease)
+    assert c.free_at(0.5, 1) == pytest.approx(2.31)
+    assert provider.wait_for(1, c.free_at(0.5, 1)) == 0
+
+
+def test_a_reply_cannot_show_a_share_freed_twice() -> None:
+    c, provider = cred(), SlidingWindow(2, LENGTH)
+    first = c.lease(0.0, 1)
+    provider.add(1, 0.0)
+    c.succeeded(0.1, 5.0, provider_reply(provider, 0.0), first)  # a slow reply: back at 2.1
+    spend_window(c, provider, [1.0])
+    # At 2.05 the provider already let the first share go; we credit it back at 2.1. The
+    # report must not hand it back a second time, or a share still counted would be sent.
+    c.learn(provider_reply(provider, 2.05), 2.05)
+    assert c.requests.left(2.05) == 0
+    assert c.requests.left(2.2) == 1
+    assert provider.wait_for(1, 2.2) == 0 and provider.wait_for(2, 2.2) > 0
+
+
+def test_a_reply_without_its_send_time_keeps_waiting_for_the_reset() -> None:
+    c = cred()
+    c.lease(0.0, 1)
+    c.learn(RateLimitReport(requests=Window(1, 0, 2.0)), 0.01)
+    assert c.free_at(0.5, 1) == pytest.approx(2.01)
+
+
+def test_a_429_forgets_the_sends_and_waits_for_the_reset() -> None:
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    spend_window(c, provider, [0.0, 0.5])
+    lease = c.lease(1.0, 1)
+    # Someone else took the last share: the provider refuses ours and says when it is whole.
+    full = RateLimitReport(requests=Window(LIMIT, 0, 1.5))
+    failure = Failure(FailureClass.RATE_LIMITED, "429", 429, retry_after=0.5, limits=full)
+    c.failed(failure, 1.01, random.Random(0), lease)
+    # The reset, not the first send's 2.01 (nor the refused one's: it may have been counted).
+    assert c.free_at(1.6, 1) == c.requests.reset_at >= 2.51
+
+
+def test_the_pool_index_wakes_a_spent_key_when_its_oldest_share_frees() -> None:
+    pool = [cred(f"k{i}") for i in range(INDEX_MIN)]
+    spent, provider = pool[0], SlidingWindow(LIMIT, LENGTH)
+    spend_window(spent, provider, [0.0, 0.5, 1.0])
+    index = PoolIndex(pool, "headroom")
+    index.rebuild(1.1)
+    assert rest_until(spent, 1.1) == pytest.approx(LENGTH + LATENCY)
+    assert 0 not in index.key_of  # resting
+    index.refresh(LENGTH + LATENCY)
+    assert 0 in index.key_of  # placed back among the ready when its first share freed
+    assert index.keys[-1][0] == pytest.approx(-1 / LIMIT)  # with a third of its window
