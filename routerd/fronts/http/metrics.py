@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -96,21 +97,34 @@ class Metrics:
         # The request series of each route and target name, so a dropped ad-hoc target's
         # series go with it (prometheus_client removes a child only by its exact labels).
         self._series: dict[str, set[tuple[str, str, str]]] = {}
+        # Each series' child, looked up once: prometheus_client's labels() locks and hashes
+        # on every call, on the path of every request.
+        self._counted: dict[tuple[str, str, str], Any] = {}
+        self._timed: dict[str, Any] = {}
 
     def observe(self, route: str, target: str | None, outcome: str, latency_s: float) -> None:
         """Count one finished request; ``target`` is None when no upstream call was made."""
         labels = (route, target or "", outcome)
-        self.requests.labels(*labels).inc()
-        self._series.setdefault(route, set()).add(labels)
+        counter = self._counted.get(labels)
+        if counter is None:
+            counter = self._counted[labels] = self.requests.labels(*labels)
+            self._series.setdefault(route, set()).add(labels)
+            if target is not None:
+                self._series.setdefault(target, set()).add(labels)
+        counter.inc()
         if target is not None:
-            self._series.setdefault(target, set()).add(labels)
-            self.latency.labels(target).observe(latency_s)
+            timer = self._timed.get(target)
+            if timer is None:
+                timer = self._timed[target] = self.latency.labels(target)
+            timer.observe(latency_s)
 
     def forget(self, name: str) -> None:
         """Drop every series labelled with route or target ``name`` (an ad-hoc target gone)."""
         for labels in self._series.pop(name, set()):
+            self._counted.pop(labels, None)
             with contextlib.suppress(KeyError):
                 self.requests.remove(*labels)
+        self._timed.pop(name, None)
         with contextlib.suppress(KeyError):
             self.latency.remove(name)
 
