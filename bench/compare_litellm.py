@@ -324,43 +324,7 @@ def pool_scenario(litellm: Any, workdir: Path, total: int, concurrency: int) -> 
     keys = {new_key(f"good{i}"): KeySpec(f"good{i}", rpm=RPM, window_s=WINDOW_S) for i in range(3)}
     keys[new_key("invalid")] = KeySpec("invalid", kind="invalid")
     keys[new_key("exhausted")] = KeySpec("exhausted", kind="no_quota")
-    spec = MockSpec(keys=keys, models={POOL_MODEL: ModelSpec()}, latency_ms=LATENCY_MS)
-    rows: list[Row] = []
-    with start_mock_process(spec) as mock:
-        creds = ", ".join(
-            f'{{ label = "{s.label}", key_env = "KEY_{s.label.upper()}" }}' for s in keys.values()
-        )
-        config = f"""
-[providers.mock]
-kind = "openai-compatible"
-base_url = "{mock.base_url}"
-credentials = [{creds}]
-
-[routes.pool]
-chain = ["mock/{POOL_MODEL}"]
-"""
-        env = {f"KEY_{s.label.upper()}": key for key, s in keys.items()}
-        with start_daemon(workdir, "pool", config, env) as daemon:
-            result = routerd_burst(daemon.socket_path, "pool", total, concurrency)
-        rows.append(_row(mock, "routerd", routerd_settings(), total, result))
-
-        model_list = [
-            {
-                "model_name": "pool",
-                "litellm_params": {
-                    "model": f"openai/{POOL_MODEL}",
-                    "api_base": mock.base_url,
-                    "api_key": key,
-                },
-            }
-            for key in keys
-        ]
-        for name, settings in LITELLM_CONFIGS:
-            mock.reset()
-            described = effective_settings(litellm, model_list, settings)
-            result = litellm_burst(litellm, model_list, settings, "pool", total, concurrency)
-            rows.append(_row(mock, name, described, total, result))
-    return rows
+    return _pool_rows(litellm, workdir, keys, "pool", total, concurrency)
 
 
 def outage_scenario(litellm: Any, workdir: Path, total: int, concurrency: int) -> list[Row]:
@@ -430,6 +394,19 @@ def pool_scale_scenario(
     }
     keys.update({new_key(label): KeySpec(label, kind="invalid") for label in SCALE_BAD[:2]})
     keys[new_key(SCALE_BAD[2])] = KeySpec(SCALE_BAD[2], kind="no_quota")
+    return _pool_rows(litellm, workdir, keys, "scale", total, concurrency, budget_s)
+
+
+def _pool_rows(
+    litellm: Any,
+    workdir: Path,
+    keys: dict[str, KeySpec],
+    route: str,
+    total: int,
+    concurrency: int,
+    budget_s: float | None = None,
+) -> list[Row]:
+    """One pool of ``keys`` on the mock: routerd's burst, then each LiteLLM config's."""
     spec = MockSpec(keys=keys, models={POOL_MODEL: ModelSpec()}, latency_ms=LATENCY_MS)
     rows: list[Row] = []
     with start_mock_process(spec) as mock:
@@ -442,17 +419,17 @@ kind = "openai-compatible"
 base_url = "{mock.base_url}"
 credentials = [{creds}]
 
-[routes.scale]
+[routes.{route}]
 chain = ["mock/{POOL_MODEL}"]
 """
         env = {f"KEY_{s.label.upper()}": key for key, s in keys.items()}
-        with start_daemon(workdir, "scale", config, env) as daemon:
-            result = routerd_burst(daemon.socket_path, "scale", total, concurrency)
+        with start_daemon(workdir, route, config, env) as daemon:
+            result = routerd_burst(daemon.socket_path, route, total, concurrency)
         rows.append(_row(mock, "routerd", routerd_settings(), total, result))
 
         model_list = [
             {
-                "model_name": "scale",
+                "model_name": route,
                 "litellm_params": {
                     "model": f"openai/{POOL_MODEL}",
                     "api_base": mock.base_url,
@@ -465,7 +442,7 @@ chain = ["mock/{POOL_MODEL}"]
             mock.reset()
             described = effective_settings(litellm, model_list, settings)
             result = litellm_burst(
-                litellm, model_list, settings, "scale", total, concurrency, budget_s
+                litellm, model_list, settings, route, total, concurrency, budget_s
             )
             rows.append(_row(mock, name, described, total, result))
     return rows
