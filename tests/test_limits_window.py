@@ -10,6 +10,7 @@ import pytest
 from routerd.core.credential import CredentialState, Lease
 from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
 from routerd.core.poolindex import INDEX_MIN, PoolIndex, rest_until
+from routerd.core.window import RESET_ROUNDING_S, LearnedWindow
 from routerd.mock.limits import SlidingWindow, ceil_ms
 
 LIMIT = 3
@@ -142,3 +143,25 @@ def test_the_pool_index_wakes_a_spent_key_when_its_oldest_share_frees() -> None:
     index.refresh(LENGTH + LATENCY)
     assert 0 in index.key_of  # placed back among the ready when its first share freed
     assert index.keys[-1][0] == pytest.approx(-1 / LIMIT)  # with a third of its window
+
+
+def test_what_may_have_left_is_kept_as_the_shares_come_and_go() -> None:
+    """The running sum equals the sum over the waiting shares, through growing windows,
+    shares credited back and a 429, at every reply."""
+    rng = random.Random(7)
+    w = LearnedWindow()
+    now = 0.0
+    for step in range(3000):
+        now += rng.uniform(0.0, 0.02)
+        mark = w.spend(1, now)
+        w.answer(1)
+        if step % 997 == 996:
+            w.refused(now + 1.0)
+            continue
+        reset = rng.choice([0.5, 1.0, 1.0, 1.0, 2.0 if step > 1500 else 1.0])
+        # Replies arrive in time order; each request was sent a little before its reply.
+        sent = now - rng.uniform(0.0, 0.05)
+        w.learn(Window(limit=100, remaining=50, reset_s=reset), now, mark, 1, sent_at=sent)
+        shortest = w.longest_reset - RESET_ROUNDING_S
+        expected = sum(a for _, at, a, _ in w.frees if at + shortest <= now)
+        assert w._maybe_freed(now) == expected

@@ -5,6 +5,8 @@ Pure and synchronous: time comes in as ``now`` (monotonic seconds).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from bisect import insort
 from dataclasses import dataclass, field
@@ -50,8 +52,17 @@ class LearnedWindow:
     answered: int = 0
     # The longest reset a reply reported: a sliding window is at least this long.
     longest_reset: float = 0.0
-    # (when it is back, when it was sent, amount), in order: answered shares to credit back.
-    frees: list[tuple[float, float, int]] = field(default_factory=list)
+    # (when it is back, when it was sent, amount, id), in order: answered shares to credit.
+    frees: list[tuple[float, float, int, int]] = field(default_factory=list)
+    # The same shares by when they were sent, for the ones the provider may have freed
+    # already (sent at least a window ago): ``matured`` sums those, by id in ``_matured``;
+    # a share credited before it matured waits in ``_gone`` until the heap pops it. Kept
+    # as it goes, so a reply costs O(log n) however many shares wait.
+    _by_sent: list[tuple[float, int, int]] = field(default_factory=list, repr=False)
+    _matured: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
+    _gone: set[int] = field(default_factory=set, repr=False)
+    matured: int = 0
+    _ids: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
     def learn(
         self,
@@ -86,21 +97,50 @@ class LearnedWindow:
                 self.reset_at = max(self.reset_at, reset_at)
             self.guessed = False
             if sent_at is not None and window.remaining is not None:
-                self.longest_reset = max(self.longest_reset, window.reset_s)
+                if window.reset_s > self.longest_reset:
+                    self._window_grew(window.reset_s)
                 if amount and len(self.frees) < FREES_MAX:
-                    insort(self.frees, (reset_at, sent_at, amount))
+                    share = next(self._ids)
+                    insort(self.frees, (reset_at, sent_at, amount, share))
+                    heapq.heappush(self._by_sent, (sent_at, share, amount))
+
+    def _window_grew(self, reset_s: float) -> None:
+        """A longer window: the shares counted as sent a window ago are looked at again."""
+        self.longest_reset = reset_s
+        for share, (sent_at, amount) in self._matured.items():
+            heapq.heappush(self._by_sent, (sent_at, share, amount))
+        self._matured.clear()
+        self.matured = 0
 
     def _maybe_freed(self, now: float) -> int:
         """What of the shares still to credit the provider may have freed by ``now``."""
         shortest = self.longest_reset - RESET_ROUNDING_S
-        return sum(amount for _, sent_at, amount in self.frees if sent_at + shortest <= now)
+        by_sent = self._by_sent
+        while by_sent and by_sent[0][0] + shortest <= now:
+            sent_at, share, amount = heapq.heappop(by_sent)
+            if share in self._gone:
+                self._gone.discard(share)
+            else:
+                self._matured[share] = (sent_at, amount)
+                self.matured += amount
+        return self.matured
+
+    def _forget(self, share: int, amount: int) -> None:
+        """A share is credited back (or dropped): it no longer counts as maybe freed."""
+        if self._matured.pop(share, None) is not None:
+            self.matured -= amount
+        else:
+            self._gone.add(share)
 
     def _roll(self, now: float) -> None:
         """Fold into ``remaining`` the shares that are back by ``now``."""
         back = 0
         while back < len(self.frees) and self.frees[back][0] <= now:
             back += 1
-        freed = sum(amount for _, _, amount in self.frees[:back])
+        freed = 0
+        for _, _, amount, share in self.frees[:back]:
+            freed += amount
+            self._forget(share, amount)
         del self.frees[:back]
         if freed and self.remaining is not None:
             self.remaining += freed
@@ -114,7 +154,7 @@ class LearnedWindow:
         if now >= self.reset_at:
             return self.limit if self.limit is not None else None
         left = self.remaining
-        for at, _, amount in self.frees:
+        for at, _, amount, _ in self.frees:
             if at > now:
                 break
             left += amount
@@ -127,7 +167,7 @@ class LearnedWindow:
         if left is None or left >= amount or now >= self.reset_at:
             return now
         need = amount - left
-        for at, _, spent in self.frees:
+        for at, _, spent, _ in self.frees:
             if at <= now:
                 continue
             need -= spent
@@ -138,7 +178,7 @@ class LearnedWindow:
     def next_change(self, now: float) -> float:
         """When what is left next grows (a share back, or the reset); inf: never."""
         at = self.reset_at if now < self.reset_at else math.inf
-        for back, _, _ in self.frees:
+        for back, _, _, _ in self.frees:
             if back > now:
                 return min(at, back)
         return at
@@ -169,6 +209,10 @@ class LearnedWindow:
             self.remaining = 0
             self.reset_at = max(self.reset_at, until)
         self.frees.clear()
+        self._by_sent.clear()
+        self._matured.clear()
+        self._gone.clear()
+        self.matured = 0
 
     def fraction(self, now: float) -> float | None:
         """Remaining share of the window, 0..1, None when unknown."""
