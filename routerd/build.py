@@ -9,10 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import aiohttp
-import httpx
-from httpx_aiohttp import AiohttpTransport
-
 from routerd.config.schema import Config, ServerConfig, split_target
 from routerd.config.secrets import Secret
 from routerd.core.breaker import Breaker
@@ -23,6 +19,7 @@ from routerd.dispatch.attempt import ProviderRuntime
 from routerd.dispatch.routes import Route
 from routerd.fdlimit import shares, soft_limit
 from routerd.upstream.registry import adapter_for
+from routerd.upstream.session import UpstreamSession
 
 # Well-known context windows, used where the config names none.
 KNOWN_WINDOWS: dict[str, int] = {
@@ -94,7 +91,7 @@ def build_target(
     )
 
 
-def provider_runtimes(config: Config, http: httpx.AsyncBaseTransport) -> dict[str, ProviderRuntime]:
+def provider_runtimes(config: Config, http: UpstreamSession) -> dict[str, ProviderRuntime]:
     """What each provider's attempts need besides credentials: adapter, URL, timeout."""
     return {
         name: ProviderRuntime(
@@ -152,27 +149,6 @@ def connection_caps(server: ServerConfig) -> tuple[int, int]:
     # http_listen counts twice: "localhost" binds an IPv4 and an IPv6 socket.
     listeners = 1 + (server.http_socket is not None) + 2 * (server.http_listen is not None)
     return shares(soft_limit(), listeners=listeners, configured=server.max_connections)
-
-
-def upstream_client(max_connections: int) -> httpx.AsyncBaseTransport:
-    """The one HTTP transport every upstream call goes through, capped at ``max_connections``.
-
-    httpx's transport API over aiohttp's connection pool and C HTTP parser (httpx-aiohttp,
-    as the OpenAI SDK offers): httpx's own h11 path builds and parses each exchange in
-    Python, which was most of the daemon's time per request.
-    """
-
-    def session() -> aiohttp.ClientSession:
-        # Made on the first request, inside the event loop that serves it.
-        connector = aiohttp.TCPConnector(
-            limit=max_connections,
-            limit_per_host=0,
-            # httpx's default: shorter than the idle timeout of the servers providers run.
-            keepalive_timeout=5.0,
-        )
-        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
-
-    return AiohttpTransport(client=session)
 
 
 def default_deadline(config: Config) -> float:

@@ -35,7 +35,6 @@ from routerd.build import (
     default_deadline,
     pools_of,
     provider_runtimes,
-    upstream_client,
 )
 from routerd.config.load import load_config, read_config_text
 from routerd.config.problems import ConfigError, ConfigProblem
@@ -46,6 +45,7 @@ from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
+from routerd.upstream.session import UpstreamSession
 from routerd.fronts.msgpack.server import Connection, serve_clients
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
@@ -103,7 +103,7 @@ class Daemon:
         # The HTTP front (routerd.fronts.http): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
-        self.http = upstream_client(upstream)
+        self.http = UpstreamSession(upstream)
         self.actors = {
             (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
         }

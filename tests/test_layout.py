@@ -17,6 +17,7 @@ PACKAGES = {"routerd": ROOT / "routerd", "routerd_client": ROOT / "client" / "ro
 
 # What the routing core may never reach, directly or through another module.
 CORE_FORBIDDEN = (
+    "aiohttp",
     "httpx",
     "httpcore",
     "h11",
@@ -138,6 +139,11 @@ def test_the_core_reaches_no_io_no_front_and_no_wire_protocol(name: str) -> None
 def test_only_the_adapters_and_the_daemon_that_builds_them_import_httpx() -> None:
     users = sorted(n for n, imported in EXTERNAL.items() if "httpx" in imported)
     assert [n for n in users if not _matches(n, HTTPX_USERS)] == []
+
+
+def test_only_the_upstream_package_holds_the_upstream_http_client() -> None:
+    users = sorted(n for n, imported in EXTERNAL.items() if "aiohttp" in imported)
+    assert users and all(n.startswith("routerd.upstream.") for n in users), users
 
 
 def test_the_dispatcher_does_not_load_the_adapters() -> None:

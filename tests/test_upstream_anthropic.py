@@ -1,8 +1,9 @@
-"""The Anthropic Messages adapter against httpx.MockTransport (no network)."""
+"""The Anthropic Messages adapter against a real HTTP server on loopback (tests.loopback)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+import socket
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,9 +16,9 @@ from routerd.core.outcome import Failure, FailureClass, UpstreamFailure
 from routerd.dispatch.attempt import merge_tool_calls
 from routerd.upstream.anthropic import AnthropicAdapter
 from routerd.upstream.registry import adapter_for
+from tests.loopback import Handler, Loopback, serve, wait_until
 
 KEY = "sk-ant-api03-canary-Hq7Lm2Np4Rs6Tu8Vw0Xy3Za5Bc7De9Fg1Hj3Kl5Mn7Pq9Rs1Tu3Vw5-AbCdEfGh"
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC).timestamp()
 
 LIMIT_HEADERS = {
@@ -36,7 +37,7 @@ LIMIT_HEADERS = {
 
 def make_call(**kw: Any) -> Call:
     args: dict[str, Any] = {
-        "base_url": "https://api.anthropic.com",
+        "base_url": "http://api.anthropic.com",
         "model": "claude-sonnet-4-5",
         "key": KEY,
         "body": {
@@ -53,9 +54,25 @@ def make_call(**kw: Any) -> Call:
     return Call(**args)
 
 
+SERVER: list[Loopback] = []
+
+
+@pytest.fixture(autouse=True)
+async def upstream() -> AsyncIterator[Loopback]:
+    """A server on loopback for the test; every host name resolves to it."""
+    async for loopback in serve():
+        SERVER.append(loopback)
+        try:
+            yield loopback
+        finally:
+            SERVER.remove(loopback)
+
+
 def adapter(handler: Handler) -> AnthropicAdapter:
-    http = httpx.MockTransport(handler)
-    return AnthropicAdapter(http, clock=lambda: NOW)
+    loopback = SERVER[-1]
+    loopback.handler = handler
+    assert loopback.session is not None
+    return AnthropicAdapter(loopback.session, clock=lambda: NOW)
 
 
 def reply(
@@ -117,7 +134,7 @@ async def test_complete_sends_a_messages_request_and_answers_in_openai_shape() -
     result = await adapter(reply(200, MESSAGE, LIMIT_HEADERS, seen)).complete(call)
 
     request = seen[0]
-    assert str(request.url) == "https://api.anthropic.com/v1/messages"
+    assert str(request.url) == "http://api.anthropic.com/v1/messages"
     assert request.headers["x-api-key"] == KEY
     assert request.headers["anthropic-version"] == "2023-06-01"
     assert request.headers["anthropic-beta"] == "context-1m-2025-08-07"
@@ -131,7 +148,6 @@ async def test_complete_sends_a_messages_request_and_answers_in_openai_shape() -
         "stream": False,
     }
     assert call.body["model"] == "client-alias"  # reused for the next target; untouched
-    assert request.extensions["timeout"]["read"] == 30.0
 
     assert result.text == "I'll check."
     assert result.tool_calls == [
@@ -152,12 +168,12 @@ async def test_complete_sends_a_messages_request_and_answers_in_openai_shape() -
 
 @pytest.mark.parametrize(
     "base_url",
-    ["https://api.anthropic.com", "https://api.anthropic.com/", "https://api.anthropic.com/v1/"],
+    ["http://api.anthropic.com", "http://api.anthropic.com/", "http://api.anthropic.com/v1/"],
 )
 async def test_v1_is_never_doubled(base_url: str) -> None:
     seen: list[httpx.Request] = []
     await adapter(reply(200, MESSAGE, seen=seen)).complete(make_call(base_url=base_url))
-    assert str(seen[0].url) == "https://api.anthropic.com/v1/messages"
+    assert str(seen[0].url) == "http://api.anthropic.com/v1/messages"
 
 
 async def test_a_request_anthropic_cannot_express_is_a_bad_request_sent_nowhere() -> None:
@@ -254,11 +270,11 @@ async def test_unreadable_or_foreign_replies_are_target_down() -> None:
 
 
 async def test_transport_errors_are_target_down_without_the_key() -> None:
-    async def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError(f"refused while sending {KEY}")
-
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     with pytest.raises(UpstreamFailure) as caught:
-        await adapter(refuse).complete(make_call())
+        await adapter(reply(200, MESSAGE)).complete(make_call(base_url=f"http://127.0.0.1:{port}"))
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
     assert caught.value.failure.message.startswith("connect error")
     assert caught.value.__context__ is None
@@ -479,8 +495,8 @@ async def test_stream_of_the_documented_events_yields_openai_deltas_and_summary(
     assert sent["stream"] is True
     assert seen[0].headers["accept"] == "text/event-stream"
     assert seen[0].headers["anthropic-beta"] == "context-1m-2025-08-07"
-    # Read to the end, so the connection can go back to the pool, then closed.
-    assert body.exhausted and body.closed
+    # Read to the end, so the connection can go back to the pool.
+    await wait_until(lambda: body.exhausted and body.closed)
 
 
 async def test_stream_with_crlf_line_ends_and_no_event_names() -> None:
@@ -505,7 +521,7 @@ async def test_error_event_mid_stream_raises_target_down_after_the_first_deltas(
     assert failure.cls is FailureClass.TARGET_DOWN
     assert failure.message == "Overloaded"
     assert failure.status is None
-    assert body.closed
+    await wait_until(lambda: body.closed)
 
 
 async def test_stream_closed_before_message_stop_is_a_cut() -> None:
@@ -519,7 +535,7 @@ async def test_stream_closed_before_message_stop_is_a_cut() -> None:
 
 
 async def test_transport_error_mid_stream_is_a_cut() -> None:
-    exc = httpx.RemoteProtocolError("peer closed connection without sending complete message body")
+    exc = ConnectionResetError()  # the server cuts the connection here
     got: list[str] = []
     with pytest.raises(UpstreamFailure) as caught:
         async with adapter(streaming(Body(BEFORE_TOOL, then=exc))).stream(make_call()) as stream:
@@ -562,7 +578,7 @@ async def test_stream_error_status_raises_on_enter(
             entered = True
     assert not entered
     assert caught.value.failure.cls is cls
-    assert response.closed
+    await wait_until(lambda: response.closed)
     assert_no_key(caught.value.failure, caught.value)
     if cls is FailureClass.RATE_LIMITED:
         assert caught.value.failure.retry_after == 1.0
@@ -581,7 +597,8 @@ async def test_stream_iterates_once() -> None:
 # --- the table --------------------------------------------------------------------------
 
 
-def test_adapter_for_anthropic() -> None:
-    built = adapter_for("anthropic", httpx.AsyncHTTPTransport())
+async def test_adapter_for_anthropic(upstream: Loopback) -> None:
+    assert upstream.session is not None
+    built = adapter_for("anthropic", upstream.session)
     assert isinstance(built, AnthropicAdapter)
     assert built.kind == "anthropic"

@@ -1,8 +1,9 @@
-"""The OpenAI chat-completions adapter against httpx.MockTransport (no network)."""
+"""The OpenAI chat-completions adapter against a real HTTP server on loopback (tests.loopback)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,11 +15,12 @@ import pytest
 from routerd.core.calls import Call
 from routerd.core.outcome import FailureClass, UpstreamFailure
 from routerd.upstream.base import Adapter
+from routerd.upstream.common import timeout, translate_http_error
 from routerd.upstream.openai import OpenAIAdapter
 from routerd.upstream.registry import adapter_for
+from tests.loopback import Disconnect, Handler, Loopback, serve, wait_until
 
 KEY = "sk-proj-Q2x7LmN4pR8sT1vW3yZ5aB6cD9eF0gH2jK4lM7nP1qR3sT5uV8wX0yZ2"
-Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
 LIMIT_HEADERS = {
     "x-ratelimit-limit-requests": "500",
@@ -32,7 +34,7 @@ LIMIT_HEADERS = {
 
 def make_call(**kw: Any) -> Call:
     args: dict[str, Any] = {
-        "base_url": "https://api.openai.com/v1/",
+        "base_url": "http://api.openai.com/v1/",
         "model": "gpt-4.1-mini",
         "key": KEY,
         "body": {"model": "client-alias", "messages": [{"role": "user", "content": "hi"}]},
@@ -43,22 +45,39 @@ def make_call(**kw: Any) -> Call:
     return Call(**args)
 
 
+SERVER: list[Loopback] = []
+
+
+@pytest.fixture(autouse=True)
+async def upstream() -> AsyncIterator[Loopback]:
+    """A server on loopback for the test; every host name resolves to it."""
+    async for loopback in serve():
+        SERVER.append(loopback)
+        try:
+            yield loopback
+        finally:
+            SERVER.remove(loopback)
+
+
 def adapter(handler: Handler, **kw: Any) -> OpenAIAdapter:
-    return OpenAIAdapter(httpx.MockTransport(handler), **kw)
+    loopback = SERVER[-1]
+    loopback.handler = handler
+    assert loopback.session is not None
+    return OpenAIAdapter(loopback.session, **kw)
 
 
-def reply(status: int, body: Any, headers: dict[str, str] | None = None) -> Handler:
+def reply(
+    status: int,
+    body: Any,
+    headers: dict[str, str] | None = None,
+    seen: list[httpx.Request] | None = None,
+) -> Handler:
     content = body if isinstance(body, bytes) else msgspec.json.encode(body)
 
     async def handler(request: httpx.Request) -> httpx.Response:
+        if seen is not None:
+            seen.append(request)
         return httpx.Response(status, content=content, headers=headers)
-
-    return handler
-
-
-def raises(exc: Exception) -> Handler:
-    async def handler(request: httpx.Request) -> httpx.Response:
-        raise exc
 
     return handler
 
@@ -102,7 +121,7 @@ async def test_complete_sends_the_target_model_and_key_and_reads_the_reply() -> 
     result = await adapter(handler).complete(call)
 
     request = seen[0]
-    assert str(request.url) == "https://api.openai.com/v1/chat/completions"
+    assert str(request.url) == "http://api.openai.com/v1/chat/completions"
     assert request.headers["authorization"] == f"Bearer {KEY}"
     assert request.headers["x-title"] == "routerd"
     sent = msgspec.json.decode(request.content)
@@ -111,12 +130,6 @@ async def test_complete_sends_the_target_model_and_key_and_reads_the_reply() -> 
     assert "stream_options" not in sent
     assert sent["messages"] == [{"role": "user", "content": "hi"}]
     assert call.body["model"] == "client-alias"  # the caller's body is reused; untouched
-    assert request.extensions["timeout"] == {
-        "connect": 5.0,
-        "read": 30.0,
-        "write": 30.0,
-        "pool": 30.0,
-    }
 
     assert result.text == "Hello there"
     assert result.finish_reason == "stop"
@@ -155,7 +168,7 @@ async def test_complete_returns_tool_calls_and_part_lists() -> None:
 
 
 async def test_groq_request_window_is_daily() -> None:
-    call = make_call(base_url="https://api.groq.com/openai/v1")
+    call = make_call(base_url="http://api.groq.com/openai/v1")
     result = await adapter(reply(200, COMPLETION, LIMIT_HEADERS)).complete(call)
     assert result.limits.requests_per_day
     result = await adapter(reply(200, COMPLETION, LIMIT_HEADERS)).complete(make_call())
@@ -215,86 +228,84 @@ async def test_complete_unreadable_reply_is_target_down() -> None:
         assert caught.value.failure.message.startswith("malformed reply")
 
 
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (
-            httpx.ConnectError("[Errno 111] Connection refused"),
-            "connect error: [Errno 111] Connection refused",
-        ),
-        (httpx.ConnectTimeout(""), "connect timeout after 5s"),
-        (httpx.ReadTimeout("timed out"), "read timeout after 30s: timed out"),
-        (httpx.PoolTimeout(""), "local connection pool timeout after 30s"),
-        (
-            httpx.RemoteProtocolError("Server disconnected without sending a response."),
-            "protocol error: Server",
-        ),
-        (httpx.ReadError("connection reset"), "read error: connection reset"),
-        (
-            httpx.UnsupportedProtocol(
-                "Request URL is missing an 'http://' or 'https://' protocol."
-            ),
-            "unsupported protocol",
-        ),
-        (httpx.ProxyError("407"), "proxy error: 407"),
-    ],
-)
-async def test_transport_errors_are_target_down_naming_the_kind(
-    exc: Exception, expected: str
-) -> None:
+async def test_each_aiohttp_error_is_target_down_named_by_its_kind() -> None:
+    cases: list[tuple[Exception, str]] = [
+        (aiohttp.ConnectionTimeoutError("x"), "connect timeout after 5s"),
+        (aiohttp.SocketTimeoutError("idle"), "read timeout after 30s"),
+        (aiohttp.ServerDisconnectedError(), "protocol error"),
+        (aiohttp.ClientPayloadError("cut short"), "protocol error: cut short"),
+        (aiohttp.ClientOSError(104, "reset"), "read error: [Errno 104] reset"),
+        (aiohttp.ClientConnectionError("gone"), "network error: gone"),
+        (aiohttp.InvalidURL("http://[::1"), "invalid url"),
+        (TimeoutError(), "timeout after 30s"),
+    ]
+    for exc, expected in cases:
+        failure = translate_http_error(exc, make_call())
+        assert failure.cls is FailureClass.TARGET_DOWN
+        assert failure.message.startswith(expected), (exc, failure.message)
+
+
+async def test_each_attempt_reads_with_its_timeout_and_connects_quickly() -> None:
+    assert timeout(30.0).sock_read == 30.0
+    assert timeout(30.0).sock_connect == 5.0
+    assert timeout(2.0).sock_connect == 2.0
+    assert timeout(30.0).total is None  # a long stream is bounded per read, not in all
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    call = make_call(base_url=f"http://127.0.0.1:{closed_port()}/v1")
     with pytest.raises(UpstreamFailure) as caught:
-        await adapter(raises(exc)).complete(make_call())
+        await adapter(reply(200, COMPLETION)).complete(call)
     failure = caught.value.failure
     assert failure.cls is FailureClass.TARGET_DOWN
-    assert failure.message.startswith(expected)
-    assert not isinstance(caught.value.__cause__, httpx.HTTPError)
+    assert failure.message.startswith("connect error")
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+
+
+async def test_a_server_that_drops_the_connection_is_a_protocol_error() -> None:
+    async def drop(request: httpx.Request) -> httpx.Response:
+        raise Disconnect
+
+    with pytest.raises(UpstreamFailure) as caught:
+        await adapter(drop).complete(make_call())
+    assert caught.value.failure.cls is FailureClass.TARGET_DOWN
+    assert caught.value.failure.message.startswith("protocol error")
     assert caught.value.__context__ is None
 
 
-def from_aiohttp(mapped: Exception, cause: Exception) -> Exception:
-    """What the aiohttp transport raises: httpx's coarse class, from aiohttp's own error."""
-    mapped.__cause__ = cause
-    return mapped
+async def test_a_reply_slower_than_the_read_timeout_is_a_read_timeout() -> None:
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await anyio.sleep(5)
+        return httpx.Response(200, json=COMPLETION)
 
-
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        # The transport calls a reset a ConnectTimeout; the cause says what happened.
-        (
-            from_aiohttp(httpx.ConnectTimeout("reset"), aiohttp.ClientOSError(104, "reset")),
-            "read error: reset",
-        ),
-        (
-            from_aiohttp(httpx.ReadTimeout(""), aiohttp.SocketTimeoutError("idle")),
-            "read timeout after 30s",
-        ),
-        (
-            from_aiohttp(httpx.ConnectTimeout("x"), aiohttp.ServerDisconnectedError()),
-            "protocol error",
-        ),
-        (
-            from_aiohttp(httpx.ReadError("x"), aiohttp.ClientPayloadError("cut short")),
-            "protocol error",
-        ),
-        # Passed through unmapped: a bare timeout from beneath aiohttp.
-        (TimeoutError(), "timeout after 30s"),
-    ],
-)
-async def test_aiohttp_errors_beneath_httpx_are_named_by_their_cause(
-    exc: Exception, expected: str
-) -> None:
     with pytest.raises(UpstreamFailure) as caught:
-        await adapter(raises(exc)).complete(make_call())
+        await adapter(slow).complete(make_call(timeout=0.3))
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
-    assert caught.value.failure.message.startswith(expected)
+    assert caught.value.failure.message.startswith("read timeout after 0.3s")
 
 
-async def test_a_key_inside_an_httpx_error_never_escapes() -> None:
-    # h11 names the bad header value when a key file kept its trailing newline.
-    exc = httpx.LocalProtocolError(f"Illegal header value b'Bearer {KEY}\\n'")
+async def test_a_redirect_is_not_followed() -> None:
+    # Following a 307 would send the key to wherever the Location points.
+    async def moved(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"location": "http://elsewhere.example/v1"})
+
     with pytest.raises(UpstreamFailure) as caught:
-        await adapter(raises(exc)).complete(make_call(key=KEY + "\n"))
+        await adapter(moved).complete(make_call())
+    assert caught.value.failure.status == 307
+
+
+async def test_a_key_with_a_line_break_is_refused_before_sending_and_never_named() -> None:
+    # A key file that kept its trailing newline: the header would be malformed.
+    seen: list[httpx.Request] = []
+    with pytest.raises(UpstreamFailure) as caught:
+        await adapter(reply(200, COMPLETION, seen=seen)).complete(make_call(key=KEY + "\n"))
+    assert seen == []
     assert caught.value.failure.message.startswith("local protocol error")
     assert caught.value.__context__ is None and caught.value.__cause__ is None
     assert_no_key(str(caught.value))
@@ -404,8 +415,8 @@ async def test_stream_yields_deltas_and_summary() -> None:
     assert sent["stream"] is True
     assert sent["stream_options"] == {"include_usage": True}
     assert seen[0].headers["accept"] == "text/event-stream"
-    # Read to the end, so the connection can go back to the pool, then closed.
-    assert body.exhausted and body.closed
+    # Read to the end, so the connection can go back to the pool.
+    await wait_until(lambda: body.exhausted and body.closed)
 
 
 async def test_stream_handles_crlf_and_trailing_done_without_blank_line() -> None:
@@ -439,7 +450,7 @@ async def test_stream_error_status_raises_on_enter() -> None:
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
     assert caught.value.failure.retry_after == 3.0
     assert caught.value.failure.message == "Overloaded"
-    assert body.closed
+    await wait_until(lambda: body.closed)
 
 
 async def test_stream_429_on_enter_echoing_the_key_is_scrubbed() -> None:
@@ -466,7 +477,7 @@ async def test_mid_stream_error_chunk_raises_after_the_first_delta() -> None:
     assert got == ["Hi"]
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
     assert caught.value.failure.message == "Provider disconnected unexpectedly"
-    assert body.closed
+    await wait_until(lambda: body.closed)
 
 
 async def test_mid_stream_rate_limit_error_keeps_its_class() -> None:
@@ -499,21 +510,8 @@ async def test_finished_stream_without_done_is_accepted() -> None:
     assert stream.finish_reason == "stop"
 
 
-@pytest.mark.parametrize(
-    ("exc", "expected"),
-    [
-        (
-            httpx.RemoteProtocolError(
-                "peer closed connection without sending complete message body"
-            ),
-            "stream cut (protocol error)",
-        ),
-        (httpx.ReadTimeout("timed out"), "stream cut (read timeout after 30s)"),
-        (httpx.ReadError("reset by peer"), "stream cut (read error)"),
-    ],
-)
-async def test_transport_error_mid_stream_is_a_cut(exc: Exception, expected: str) -> None:
-    body = Body(sse(chunk({"content": "Hel"})), then=exc)
+async def test_a_connection_cut_mid_stream_is_a_cut() -> None:
+    body = Body(sse(chunk({"content": "Hel"})), then=ConnectionResetError())
     got: list[str] = []
     with pytest.raises(UpstreamFailure) as caught:
         async with adapter(streaming(body)).stream(make_call()) as stream:
@@ -521,8 +519,39 @@ async def test_transport_error_mid_stream_is_a_cut(exc: Exception, expected: str
                 got.append(delta.text)
     assert got == ["Hel"]
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
-    assert caught.value.failure.message.startswith(expected)
+    assert caught.value.failure.message.startswith("stream cut (protocol error)")
     assert caught.value.__context__ is None
+
+
+async def test_a_stream_that_goes_quiet_is_cut_at_the_read_timeout() -> None:
+    body = Body(sse(chunk({"content": "Hel"})), hang=True)
+    got: list[str] = []
+    with pytest.raises(UpstreamFailure) as caught:
+        async with adapter(streaming(body)).stream(make_call(timeout=0.3)) as stream:
+            async for delta in stream:
+                got.append(delta.text)
+    assert got == ["Hel"]
+    assert caught.value.failure.message.startswith("stream cut (read timeout after 0.3s)")
+    await wait_until(lambda: body.closed)
+
+
+async def test_a_line_longer_than_any_buffer_arrives_whole() -> None:
+    text = "x" * 300_000  # one SSE line of 300 kB, in pieces
+    line = chunk({"content": text}).encode()
+    parts = [line[i : i + 7000] for i in range(0, len(line), 7000)]
+    body = Body(*parts, chunk({}, "stop").encode(), b"data: [DONE]\n\n")
+    async with adapter(streaming(body)).stream(make_call()) as stream:
+        deltas = [d async for d in stream]
+    assert "".join(d.text for d in deltas) == text
+
+
+async def test_a_stream_read_to_its_end_leaves_its_connection_for_the_next_call(
+    upstream: Loopback,
+) -> None:
+    for _ in range(2):
+        async with adapter(streaming(Body(GOOD_STREAM))).stream(make_call()) as stream:
+            [d async for d in stream]
+    assert len(upstream.peers) == 2 and upstream.peers[0] == upstream.peers[1]
 
 
 async def test_malformed_chunk_is_target_down() -> None:
@@ -534,10 +563,11 @@ async def test_malformed_chunk_is_target_down() -> None:
 
 
 async def test_connect_failure_on_enter_is_target_down() -> None:
+    call = make_call(base_url=f"http://127.0.0.1:{closed_port()}/v1")
     with pytest.raises(UpstreamFailure) as caught:
-        async with adapter(raises(httpx.ConnectError("refused"))).stream(make_call()):
+        async with adapter(streaming(Body(GOOD_STREAM))).stream(call):
             pass
-    assert caught.value.failure.message == "connect error: refused"
+    assert caught.value.failure.message.startswith("connect error")
     assert caught.value.__context__ is None
 
 
@@ -550,7 +580,8 @@ async def test_cancelling_a_stream_closes_the_response() -> None:
                 got.append(delta.text)
     assert scope.cancelled_caught
     assert got == ["Hel"]
-    assert body.closed
+    # The connection was closed: the server's side of it ends the body.
+    await wait_until(lambda: body.closed)
 
 
 async def test_stream_iterates_once() -> None:
@@ -563,8 +594,9 @@ async def test_stream_iterates_once() -> None:
 # --- the table --------------------------------------------------------------------------
 
 
-def test_adapter_for_kinds() -> None:
-    http = httpx.AsyncHTTPTransport()
+async def test_adapter_for_kinds(upstream: Loopback) -> None:
+    http = upstream.session
+    assert http is not None
     openai: Adapter = adapter_for("openai", http)
     compatible = adapter_for("openai-compatible", http)
     assert isinstance(openai, OpenAIAdapter) and openai.kind == "openai"

@@ -1,1 +1,1 @@
-"""Upstream adapters: one per API kind (``registry.adapter_for``), all on one httpx transport."""
+"""Upstream adapters: one per API kind (``registry.adapter_for``), on one aiohttp session."""

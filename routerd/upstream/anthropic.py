@@ -1,7 +1,7 @@
 """The Anthropic Messages adapter: OpenAI-shaped calls in, OpenAI-shaped replies out.
 
 The request is rewritten and the reply, whole or streamed, translated back by
-routerd.translate, so an Anthropic target can sit in any chain. httpx exceptions are
+routerd.translate, so an Anthropic target can sit in any chain. Transport errors are
 translated by the same one helper the OpenAI adapter uses; callers only see UpstreamFailure.
 """
 
@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import msgspec
+from yarl import URL
 
 from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, scrub, transport_failure
@@ -27,7 +27,8 @@ from routerd.translate import (
     anthropic_to_completion,
     openai_to_anthropic,
 )
-from routerd.upstream.common import endpoint, header_map, open_stream, post, sse_events
+from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
+from routerd.upstream.session import UpstreamSession
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -37,7 +38,7 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
 
 
-def _messages_url(base_url: str) -> httpx.URL | str:
+def _messages_url(base_url: str) -> URL | str:
     # The documented base_url is the bare host, but ".../v1" is a common way to write it.
     base = base_url.rstrip("/")
     return endpoint(base, "messages" if base.endswith("/v1") else "v1/messages")
@@ -64,7 +65,7 @@ class AnthropicStream:
 
     def __init__(
         self,
-        response: httpx.Response,
+        response: Streamed,
         call: Call,
         limits: RateLimitReport,
         clock: Callable[[], float],
@@ -136,7 +137,7 @@ class AnthropicAdapter:
 
     def __init__(
         self,
-        http: httpx.AsyncBaseTransport,
+        http: UpstreamSession,
         *,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         clock: Callable[[], float] = time.time,
@@ -146,9 +147,7 @@ class AnthropicAdapter:
         self._default_max_tokens = default_max_tokens
         self._clock = clock
 
-    def _prepare(
-        self, call: Call, *, stream: bool
-    ) -> tuple[httpx.URL | str, bytes, dict[str, str]]:
+    def _prepare(self, call: Call, *, stream: bool) -> tuple[URL | str, bytes, dict[str, str]]:
         try:
             body = openai_to_anthropic(
                 call.body, call.model, default_max_tokens=self._default_max_tokens
@@ -180,10 +179,10 @@ class AnthropicAdapter:
             headers.update(call.headers)  # anthropic-beta (1M context, ...) and the like
         return headers
 
-    def _classify(self, response: httpx.Response, body: bytes | None, call: Call) -> Failure:
-        return classify(
-            response.status_code, header_map(response), body, key=call.key, now=self._clock()
-        )
+    def _classify(
+        self, status: int, headers: dict[str, str], body: bytes | None, call: Call
+    ) -> Failure:
+        return classify(status, headers, body, key=call.key, now=self._clock())
 
     async def complete(self, call: Call) -> Completion:
         """Send a non-streaming request and return the whole reply."""
@@ -191,16 +190,18 @@ class AnthropicAdapter:
         response = await post(self._http, call, url, content, headers)
         return self._completion(response, call)
 
-    def _completion(self, response: httpx.Response, call: Call) -> Completion:
+    def _completion(self, response: Answer, call: Call) -> Completion:
         if not response.is_success:
-            raise UpstreamFailure(self._classify(response, response.content, call))
+            raise UpstreamFailure(
+                self._classify(response.status, response.headers, response.body, call)
+            )
         try:
-            reply: Any = _decode(response.content)
+            reply: Any = _decode(response.body)
         except msgspec.DecodeError as exc:
             failure = transport_failure("malformed reply", str(exc), key=call.key)
         else:
             if isinstance(reply, dict) and reply.get("type") == "error":
-                failure = self._classify(response, response.content, call)
+                failure = self._classify(response.status, response.headers, response.body, call)
             elif isinstance(reply, dict) and isinstance(reply.get("content"), list):
                 text, tool_calls, finish, usage, model = anthropic_to_completion(reply)
                 return Completion(
@@ -208,7 +209,7 @@ class AnthropicAdapter:
                     model=model or call.model,
                     finish_reason=finish,
                     usage=usage,
-                    limits=anthropic_limits(header_map(response), self._clock()),
+                    limits=anthropic_limits(response.headers, self._clock()),
                     tool_calls=tool_calls,
                 )
             else:
@@ -222,9 +223,9 @@ class AnthropicAdapter:
         """Open a streaming request; entering raises UpstreamFailure if it fails before any byte."""
         url, content, headers = self._prepare(call, stream=True)
 
-        def failed(response: httpx.Response, body: bytes | None) -> Failure:
-            return self._classify(response, body, call)
+        def failed(status: int, headers: dict[str, str], body: bytes | None) -> Failure:
+            return self._classify(status, headers, body, call)
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = anthropic_limits(header_map(response), self._clock())
+            limits = anthropic_limits(response.headers, self._clock())
             yield AnthropicStream(response, call, limits, self._clock)

@@ -26,10 +26,10 @@ class Stream(Protocol):
 
 
 class Adapter(Protocol):
-    """One per API kind, built around the daemon's one shared httpx transport.
+    """One per API kind, built around the daemon's one upstream session.
 
-    Failures are raised as UpstreamFailure, already classified; httpx exceptions never
-    leave the adapter, so the routing core never sees httpx.
+    Failures are raised as UpstreamFailure, already classified; transport errors never
+    leave the adapter, so the routing core never sees the HTTP client.
     """
 
     kind: str

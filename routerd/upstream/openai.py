@@ -1,8 +1,8 @@
 """The chat-completions adapter for OpenAI and every OpenAI-compatible API.
 
 One instance serves all ``openai`` and ``openai-compatible`` targets (OpenAI, Groq,
-OpenRouter, DeepSeek, vLLM, Ollama, ...) over the daemon's shared httpx transport. httpx
-exceptions are translated here and nowhere else; callers only ever see UpstreamFailure.
+OpenRouter, DeepSeek, vLLM, Ollama, ...) over the daemon's one upstream session. Transport
+errors are translated in ``routerd.upstream.common``; callers only ever see UpstreamFailure.
 """
 
 from __future__ import annotations
@@ -12,14 +12,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import httpx
 import msgspec
+from yarl import URL
 
 from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, transport_failure
 from routerd.core.limits import openai_limits
 from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
-from routerd.upstream.common import endpoint, header_map, open_stream, post, sse_events
+from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
+from routerd.upstream.session import UpstreamSession
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -100,7 +101,7 @@ class OpenAIStream:
         "usage",
     )
 
-    def __init__(self, response: httpx.Response, call: Call, limits: RateLimitReport) -> None:
+    def __init__(self, response: Streamed, call: Call, limits: RateLimitReport) -> None:
         self.limits = limits
         self.usage: dict[str, int] = {}
         self.model = call.model
@@ -186,7 +187,7 @@ class OpenAIAdapter:
 
     def __init__(
         self,
-        http: httpx.AsyncBaseTransport,
+        http: UpstreamSession,
         *,
         requests_per_day: bool = False,
         kind: str = "openai",
@@ -200,9 +201,7 @@ class OpenAIAdapter:
     def _per_day(self, call: Call) -> bool:
         return self._requests_per_day or "api.groq.com" in call.base_url
 
-    def _prepare(
-        self, call: Call, *, stream: bool
-    ) -> tuple[httpx.URL | str, bytes, dict[str, str]]:
+    def _prepare(self, call: Call, *, stream: bool) -> tuple[URL | str, bytes, dict[str, str]]:
         # One shallow copy: the caller's body is reused for the next target and must not change.
         body = {**call.body, "model": call.model, "stream": stream}
         if stream:
@@ -230,28 +229,28 @@ class OpenAIAdapter:
         response = await post(self._http, call, url, content, headers)
         return self._completion(response, call)
 
-    def _completion(self, response: httpx.Response, call: Call) -> Completion:
+    def _completion(self, response: Answer, call: Call) -> Completion:
         per_day = self._per_day(call)
         if not response.is_success:
             raise UpstreamFailure(
                 classify(
-                    response.status_code,
-                    header_map(response),
-                    response.content,
+                    response.status,
+                    response.headers,
+                    response.body,
                     key=call.key,
                     now=time.time(),
                     requests_per_day=per_day,
                 )
             )
         try:
-            reply = _decode_reply(response.content)
+            reply = _decode_reply(response.body)
         except msgspec.DecodeError as exc:
             failure = transport_failure("malformed reply", str(exc), key=call.key)
         else:
             if reply.error is not None:  # OpenRouter can answer 200 with an error body
                 failure = classify(
-                    response.status_code,
-                    header_map(response),
+                    response.status,
+                    response.headers,
                     {"error": reply.error},
                     key=call.key,
                     now=time.time(),
@@ -259,7 +258,7 @@ class OpenAIAdapter:
                 )
             else:
                 return _completion_of(
-                    reply, call, openai_limits(header_map(response), requests_per_day=per_day)
+                    reply, call, openai_limits(response.headers, requests_per_day=per_day)
                 )
         raise UpstreamFailure(failure)
 
@@ -269,10 +268,10 @@ class OpenAIAdapter:
         url, content, headers = self._prepare(call, stream=True)
         per_day = self._per_day(call)
 
-        def failed(response: httpx.Response, body: bytes | None) -> Failure:
+        def failed(status: int, headers: dict[str, str], body: bytes | None) -> Failure:
             return classify(
-                response.status_code,
-                header_map(response),
+                status,
+                headers,
                 body,
                 key=call.key,
                 now=time.time(),
@@ -280,7 +279,7 @@ class OpenAIAdapter:
             )
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = openai_limits(header_map(response), requests_per_day=per_day)
+            limits = openai_limits(response.headers, requests_per_day=per_day)
             yield OpenAIStream(response, call, limits)
 
 

@@ -1,4 +1,5 @@
-"""A minimal incremental server-sent-events decoder, fed one line at a time.
+"""A minimal incremental server-sent-events decoder, fed one line at a time, and the splitter
+that turns a streamed body into those lines.
 
 It follows the WHATWG rules an API client needs: ``data:`` lines accumulate and a blank line
 dispatches; ``event:`` names the event; comment lines (``: OPENROUTER PROCESSING``, keep-alives)
@@ -7,7 +8,9 @@ and ``id:``/``retry:`` are ignored.
 
 from __future__ import annotations
 
-__all__ = ["SSEDecoder"]
+import codecs
+
+__all__ = ["LineSplitter", "SSEDecoder"]
 
 
 class SSEDecoder:
@@ -44,3 +47,46 @@ class SSEDecoder:
         self._data = []
         # Nearly every event is one data line; skip the join for it.
         return event, data[0] if len(data) == 1 else "\n".join(data)
+
+
+class LineSplitter:
+    """Splits a byte stream into text lines as chunks arrive, whatever the chunk boundaries.
+
+    A line ends at LF, CRLF or a lone CR (as SSE allows), which is not part of the line.
+    Bytes are decoded as UTF-8 incrementally, so a character split across chunks survives.
+    """
+
+    __slots__ = ("_decoder", "_pending", "_trailing_cr")
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = ""
+        self._trailing_cr = False
+
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines this chunk completes."""
+        text = self._decoder.decode(chunk)
+        if not text:
+            return []
+        if self._trailing_cr:
+            # The last chunk ended on CR: a LF starting this one belongs to that CRLF.
+            self._trailing_cr = False
+            if text[0] == "\n":
+                text = text[1:]
+                if not text:
+                    return []
+        if text[-1] == "\r":
+            self._trailing_cr = True
+            text = text[:-1] + "\n"
+        text = self._pending + text
+        if "\r" in text:
+            text = text.replace("\r\n", "\n").replace("\r", "\n")
+        lines = text.split("\n")
+        self._pending = lines.pop()
+        return lines
+
+    def flush(self) -> list[str]:
+        """What is left at the end of the stream, as a last line."""
+        rest = self._pending + self._decoder.decode(b"", final=True)
+        self._pending = ""
+        return [rest] if rest else []

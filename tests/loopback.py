@@ -1,0 +1,143 @@
+"""A real HTTP server on loopback for the adapter tests, and the upstream session that reaches it.
+
+Handlers are written against httpx's Request and Response (a compact way to say what a
+provider answers); the server is aiohttp's, on 127.0.0.1, and every host name the adapter
+asks for resolves to it, so the adapters run their real aiohttp exchange. A handler can
+also answer with a transport fault: ``Disconnect`` (the connection dropped before a reply),
+a body that raises mid-way (the connection is cut there) or one that hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
+
+import anyio
+import httpx
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from routerd.upstream.session import UpstreamSession
+
+Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
+
+
+class Disconnect(Exception):
+    """Raised by a handler: the server drops the connection without a reply."""
+
+
+class _ToLoopback(AbstractResolver):
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(
+                hostname=host,
+                host="127.0.0.1",
+                port=self.port,
+                family=socket.AF_INET,
+                proto=0,
+                flags=socket.AI_NUMERICHOST,
+            )
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class Loopback:
+    """One server; ``handler`` answers the next requests. ``peers`` records the client's
+    address of each request, so a test can see a connection reused."""
+
+    def __init__(self) -> None:
+        self.handler: Handler | None = None
+        self.peers: list[Any] = []
+        self.session: UpstreamSession | None = None
+        self._runner: web.ServerRunner | None = None
+
+    async def start(self) -> None:
+        server = web.Server(self._handle, handler_cancellation=True)
+        self._runner = web.ServerRunner(server)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.session = UpstreamSession(16, resolver=_ToLoopback(port))
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.aclose()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        assert self.handler is not None, "no handler set"
+        self.peers.append(
+            request.transport.get_extra_info("peername") if request.transport else None
+        )
+        seen = httpx.Request(
+            request.method,
+            str(request.url),
+            headers=list(request.headers.items()),
+            content=await request.read(),
+        )
+        try:
+            response = await self.handler(seen)
+        except Disconnect:
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError from None
+        headers = [
+            (name, value)
+            for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-length", "transfer-encoding")
+        ]
+        stream = response.stream
+        if isinstance(stream, httpx.ByteStream) or not isinstance(stream, httpx.AsyncByteStream):
+            return web.Response(status=response.status_code, headers=headers, body=response.read())
+        return await _stream(request, response.status_code, headers, stream)
+
+
+async def _stream(
+    request: web.BaseRequest,
+    status: int,
+    headers: list[tuple[str, str]],
+    body: httpx.AsyncByteStream,
+) -> web.StreamResponse:
+    out = web.StreamResponse(status=status, headers=headers)
+    await out.prepare(request)
+    try:
+        try:
+            async for part in body:
+                await out.write(part)
+        except Exception:
+            # The body's fault: the connection is cut here, mid-reply.
+            assert request.transport is not None
+            request.transport.abort()
+            raise asyncio.CancelledError from None
+        await out.write_eof()
+        return out
+    finally:
+        await body.aclose()
+
+
+async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Wait for what the server does after the client has moved on (it runs in parallel)."""
+    with anyio.fail_after(seconds):
+        while not condition():  # noqa: ASYNC110 - set by the server side, which has no event
+            await anyio.sleep(0.01)
+
+
+async def serve() -> AsyncIterator[Loopback]:
+    """The body of a fixture: one started server per test."""
+    loopback = Loopback()
+    await loopback.start()
+    try:
+        yield loopback
+    finally:
+        await loopback.stop()
