@@ -45,11 +45,11 @@ from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
-from routerd.upstream.session import UpstreamSession
 from routerd.fronts.msgpack.server import Connection, serve_clients
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
 from routerd.status import build_report
+from routerd.upstream.session import UpstreamSession
 
 log = structlog.get_logger("routerd.daemon")
 

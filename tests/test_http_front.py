@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -31,6 +33,7 @@ from routerd_client import Client
 
 from routerd.core.calls import Delta, Reply
 from routerd.fronts.http import FrontError, anthropic_shape
+from routerd.fronts.http.connections import Hangup
 from routerd.fronts.http.serve import bind_tcp
 from routerd.launch import DaemonProcess, DaemonStartError
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
@@ -309,6 +312,27 @@ def test_a_client_that_hangs_up_cancels_its_upstream_call(front: Front) -> None:
         assert http.get("/healthz").json()["in_flight"] == 0
     # Cancelled long before the mock's 3 s were up.
     assert time.monotonic() - started < 2.5
+
+
+async def test_a_hangup_cancels_its_request_whenever_the_client_went() -> None:
+    # Gone while the request runs, or before it began: cancelled either way.
+    for lost_first in (False, True):
+        hangup = Hangup()
+        if lost_first:
+            hangup.lost()
+        with anyio.CancelScope() as scope:
+            hangup.watch(scope)
+            hangup.lost()
+            await anyio.sleep(5)
+        assert scope.cancelled_caught and hangup.gone
+    # A request that finished is not cancelled by the connection closing later.
+    hangup = Hangup()
+    with anyio.CancelScope() as scope:
+        hangup.watch(scope)
+        hangup.finish()
+        hangup.lost()
+        await anyio.lowlevel.checkpoint()
+    assert not scope.cancel_called
 
 
 # ---- daemons of their own ----------------------------------------------------------------

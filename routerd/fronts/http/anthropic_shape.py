@@ -10,7 +10,6 @@ usage) and message_stop.
 
 from __future__ import annotations
 
-import uuid
 from typing import Any
 
 import msgspec
@@ -18,7 +17,7 @@ import structlog
 
 from routerd.core.calls import Delta, Reply
 from routerd.fronts.http.errors import HttpError
-from routerd.fronts.http.wire import ShapeError, encode, sse, trailer
+from routerd.fronts.http.wire import ShapeError, encode, sse, trailer, unique_id
 from routerd.translate import (
     MessagesRequest,
     TranslationError,
@@ -221,8 +220,8 @@ def model_list(routes: list[str], targets: list[tuple[str, str]]) -> bytes:
 
 
 def _message_id() -> str:
-    return f"msg_{uuid.uuid4().hex[:24]}"
+    return f"msg_{unique_id()}"
 
 
 def _tool_id() -> str:
-    return f"toolu_{uuid.uuid4().hex[:24]}"
+    return f"toolu_{unique_id()}"

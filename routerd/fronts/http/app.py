@@ -35,7 +35,7 @@ from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BudgetExhausted, BufferBudget
 from routerd.fronts.http import anthropic_shape, openai_shape
 from routerd.fronts.http.body import BodyTimeout, BodyTooLarge, read_body
-from routerd.fronts.http.connections import CLIENT_KEY
+from routerd.fronts.http.connections import CLIENT_KEY, HANGUP_KEY, Hangup
 from routerd.fronts.http.errors import HttpError, front_error, routed_error
 from routerd.fronts.http.metrics import CONTENT_TYPE, Metrics
 from routerd.fronts.http.wire import JSON, SSE, Api, ShapeError, encode, served_by
@@ -98,6 +98,7 @@ class _Request:
     path: str
     headers: dict[str, str]
     client: str  # who sent it, the dispatcher's fairness key
+    hangup: Hangup | None  # set by routerd's own protocol (connections.FrontProtocol)
 
 
 class FrontApp:
@@ -119,6 +120,7 @@ class FrontApp:
                 for name, value in scope.get("headers", [])
             },
             client=_client_of(scope),
+            hangup=scope.get(HANGUP_KEY),
         )
         api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
         if self._token is not None and not self._authorized(request.headers):
@@ -252,7 +254,10 @@ class FrontApp:
                 prompt_tokens=call.prompt_tokens,
             )
 
-        outcome, gone = await self._guarded(receive, dispatch)
+        if request.hangup is not None:
+            outcome, gone = await self._hung_up_on(request.hangup, dispatch)
+        else:
+            outcome, gone = await self._guarded(receive, dispatch)
         if gone:
             return  # the client left; its upstream call was cancelled with it
         if isinstance(outcome, Reply):
@@ -276,13 +281,30 @@ class FrontApp:
         else:
             await _reply_error(send, error)
 
+    async def _hung_up_on(
+        self, hangup: Hangup, dispatch: Callable[[], Awaitable[Reply]]
+    ) -> tuple[Reply | Refused | None, bool]:
+        """(outcome, client gone), as ``_guarded``, with the protocol's Hangup cancelling the
+        request (and its upstream call) when the client leaves: no watcher task."""
+        outcome: Reply | Refused | None = None
+        with anyio.CancelScope() as scope:
+            self.state.active.add(scope)
+            hangup.watch(scope)
+            try:
+                outcome = await _outcome(dispatch)
+            finally:
+                hangup.finish()
+                self.state.active.discard(scope)
+        return outcome, hangup.gone
+
     async def _guarded(
         self, receive: Receive, dispatch: Callable[[], Awaitable[Reply]]
     ) -> tuple[Reply | Refused | None, bool]:
         """(outcome, client gone); the outcome is None when the front cancelled it to stop.
 
         ASGI servers do not cancel an app whose client left; they only tell ``receive``.
-        So the request runs beside a watcher that cancels it (and its upstream call) then.
+        Under another server than routerd's own protocol, the request runs beside a watcher
+        that cancels it (and its upstream call) then.
         """
         outcome: Reply | Refused | None = None
         gone = False
@@ -299,13 +321,7 @@ class FrontApp:
                     tg.cancel_scope.cancel()
 
                 tg.start_soon(watch)
-                try:
-                    outcome = await dispatch()
-                except Refused as exc:
-                    outcome = exc
-                except Exception:
-                    log.exception("http_request_crashed")
-                    outcome = Refused("internal", "routerd failed on this request")
+                outcome = await _outcome(dispatch)
                 tg.cancel_scope.cancel()
             finally:
                 self.state.active.discard(tg.cancel_scope)
@@ -382,6 +398,17 @@ def _routing_headers(headers: dict[str, str]) -> tuple[float | None, int]:
         except ValueError:
             raise ShapeError(f"x-routerd-priority must be an integer: {raw!r}") from None
     return deadline, priority
+
+
+async def _outcome(dispatch: Callable[[], Awaitable[Reply]]) -> Reply | Refused:
+    """The reply, or the refusal; a crash in routerd is refused as internal, and logged."""
+    try:
+        return await dispatch()
+    except Refused as exc:
+        return exc
+    except Exception:
+        log.exception("http_request_crashed")
+        return Refused("internal", "routerd failed on this request")
 
 
 def _client_of(scope: Scope) -> str:

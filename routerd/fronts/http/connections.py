@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -31,6 +32,8 @@ LOG_INTERVAL_S = 10.0
 
 # The ASGI scope key that names the sender of a request (Dispatcher.chat's fairness key).
 CLIENT_KEY = "routerd.client"
+# The ASGI scope key of the request's Hangup: how the app learns its client left.
+HANGUP_KEY = "routerd.hangup"
 
 # What asyncio's accept loop reports when accept() fails for want of descriptors or memory.
 _ACCEPT_FAILED = "socket.accept() out of system resource"
@@ -112,6 +115,39 @@ class Gate:
         self.open -= 1
 
 
+class Hangup:
+    """Cancels the scope a request runs in when its connection is lost.
+
+    ASGI servers do not cancel an app whose client left; they only tell ``receive``, which
+    takes a task per request to watch. The protocol sees the loss itself, so it cancels
+    the request's scope directly.
+    """
+
+    __slots__ = ("_scope", "done", "gone")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self.done = False
+        self._scope: anyio.CancelScope | None = None
+
+    def watch(self, scope: anyio.CancelScope) -> None:
+        """Cancel ``scope`` when the client goes (at once if it has gone already)."""
+        self._scope = scope
+        if self.gone:
+            scope.cancel()
+
+    def finish(self) -> None:
+        """The request is over: a loss after this cancels nothing."""
+        self._scope = None
+        self.done = True
+
+    def lost(self) -> None:
+        """The connection is gone."""
+        self.gone = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+
 class FrontProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with routerd's connection cap, head timeout and peer check.
 
@@ -129,6 +165,8 @@ class FrontProtocol(HttpToolsProtocol):
     _head_begun = False
     _head_timer: asyncio.TimerHandle | None = None
     _client: str | None = None
+    # The requests of this connection not yet finished (more than one only when pipelined).
+    _hangups: list[Hangup] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         """Refuse past the cap or a peer not allowed; else serve, with the head timer running."""
@@ -156,6 +194,9 @@ class FrontProtocol(HttpToolsProtocol):
         if self._admitted:
             self._admitted = False
             self.gate.leave()
+        for hangup in self._hangups or ():
+            hangup.lost()
+        self._hangups = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -169,12 +210,16 @@ class FrontProtocol(HttpToolsProtocol):
             self._arm()
 
     def on_message_begin(self) -> None:
-        """A request head begins: note it, and name its sender on the scope."""
+        """A request head begins: note it, name its sender and give it a Hangup."""
         super().on_message_begin()
         self._head_begun = True
+        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
         if self._client is not None:
-            scope: dict[str, Any] = self.scope  # type: ignore[assignment]
             scope[CLIENT_KEY] = self._client
+        hangup = Hangup()
+        scope[HANGUP_KEY] = hangup
+        self._hangups = [h for h in self._hangups or () if not h.done]
+        self._hangups.append(hangup)
 
     def on_headers_complete(self) -> None:
         """The head is whole: its timer stops, and the app's body timeout takes over."""

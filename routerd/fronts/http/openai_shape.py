@@ -9,14 +9,13 @@ options of its own call.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import Any
 
 import msgspec
 
 from routerd.core.calls import Delta, Reply
 from routerd.fronts.http.errors import HttpError
-from routerd.fronts.http.wire import ShapeError, encode, trailer
+from routerd.fronts.http.wire import ShapeError, encode, trailer, unique_id
 
 # Fields the front consumes; everything else reaches the upstream untouched.
 _FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})
@@ -200,4 +199,4 @@ def _model(name: str, owner: str) -> dict[str, Any]:
 
 
 def _completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    return f"chatcmpl-{unique_id()}"

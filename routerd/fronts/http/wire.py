@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import secrets
 from typing import Literal
 
 import msgspec
@@ -18,6 +20,17 @@ SSE: tuple[bytes, bytes] = (b"content-type", b"text/event-stream; charset=utf-8"
 
 class ShapeError(ValueError):
     """The request body does not have the shape of the API it was sent to (a 400)."""
+
+
+# Reply ids: a random prefix per process and a counter, unique without a uuid4 per reply.
+_ID_PREFIX = secrets.token_hex(6)
+_ids = itertools.count()
+
+
+def unique_id() -> str:
+    """24 hex digits for a reply's id (chatcmpl-..., msg_..., toolu_...): the process's random
+    prefix and a counter, so no two replies of one process, nor likely of two, share one."""
+    return f"{_ID_PREFIX}{next(_ids):012x}"
 
 
 def sse(data: object, event: str | None = None) -> bytes:
