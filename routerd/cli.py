@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routerd import log
     from routerd.config.load import load_config
     from routerd.config.problems import ConfigError
-    from routerd.config.secrets import resolve_secrets
+    from routerd.config.secrets import resolve_secrets, resolve_state_password
     from routerd.daemon import Daemon
     from routerd.fdlimit import raise_soft_limit
 
@@ -44,6 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         config = load_config(path)
         text = Path(path).read_text()
         secrets = resolve_secrets(config, source=str(path), text=text)
+        state_password = resolve_state_password(config, source=str(path), text=text)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -54,6 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         secrets,
         socket_path=Path(args.socket) if args.socket else None,
         config_path=Path(path),
+        state_password=state_password,
     )
     code = 0
     try:
@@ -112,7 +114,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a config; each problem names the key and the line."""
     from routerd.config.load import check_config, load_config, summarize
-    from routerd.config.secrets import resolve_secrets
+    from routerd.config.secrets import resolve_secrets, resolve_state_password
 
     path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
     problems = check_config(path)
@@ -122,7 +124,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{path}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     config = load_config(path)
-    secrets = resolve_secrets(config, source=str(path), text=Path(path).read_text())
+    text = Path(path).read_text()
+    secrets = resolve_secrets(config, source=str(path), text=text)
+    resolve_state_password(config, source=str(path), text=text)
     print(f"{path}: ok ({summarize(config, secrets)})")
     return 0
 

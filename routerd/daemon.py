@@ -43,6 +43,7 @@ from routerd.config.secrets import Secret, resolve_secrets
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fleet import FleetLink, connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
 from routerd.fronts.msgpack.server import Connection, serve_clients
@@ -76,6 +77,7 @@ class Daemon:
         state_path: Path | None = None,
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
+        state_password: str | None = None,
     ) -> None:
         self.config = config
         # Where SIGHUP and `routerd reload` read the config again; None: reload is refused.
@@ -124,6 +126,12 @@ class Daemon:
             adhoc_idle_s=config.server.adhoc_idle_s,
             on_drop=self.metrics.forget,
         )
+        self.fleet = self._fleet(state_password)
+
+    def _fleet(self, password: str | None) -> FleetLink | None:
+        """[state] backend = "redis": the link to the other hosts sharing these keys."""
+        registry = self.metrics.registry
+        return connect_fleet(self.config.state, password, self.dispatcher, registry, self._changed)
 
     def _make_actor(self, secret: Secret, order: int, config: Config) -> CredentialActor:
         return CredentialActor(
@@ -203,6 +211,10 @@ class Daemon:
             adhoc_idle_s=config.server.adhoc_idle_s,
             configured={t for route in config.routes.values() for t in route.chain},
         )
+        if self.fleet is not None:
+            self.fleet.refresh()
+        if config.state != old.state:
+            log.warning("reload_state_unchanged", detail="[state] changes take a restart")
         self._lasting_change()
         self.dispatcher.notify()
         return ReloadSummary(
@@ -288,6 +300,7 @@ class Daemon:
             version=VERSION,
             uptime_s=self.clock() - self.started,
             connections=self.connections,
+            shared=self.fleet.shared if self.fleet is not None else None,
         )
 
     async def _handle(self, stream: SocketStream) -> None:
@@ -351,6 +364,8 @@ class Daemon:
             if self.front is not None:
                 await root.start(self.front.serve)
             root.start_soon(self._flush_state)
+            if self.fleet is not None and self.fleet.shared is not None:
+                await root.start(self.fleet.shared.run)
             interval = sdnotify.watchdog_interval()
             if interval is not None:
                 root.start_soon(sdnotify.watchdog_loop, interval)

@@ -8,12 +8,14 @@ from routerd_client.protocol import (
     CredentialStatus,
     LaneStatus,
     RouteStatus,
+    SharedStateStatus,
     StatusReport,
     TargetStatus,
 )
 
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fleet.backend import SharedState
 
 
 def _left(until: float, now: float) -> float | None:
@@ -65,6 +67,7 @@ def build_report(
     version: str,
     uptime_s: float,
     connections: int,
+    shared: SharedState | None = None,
 ) -> StatusReport:
     """The StatusReport: the same data as `routerd status --json`."""
     # Ad-hoc targets that expired leave the report (and /metrics) now, not at the next request.
@@ -96,6 +99,19 @@ def build_report(
         credentials=[credential_status(a, now) for a in dispatcher.actors.values()],
         targets=targets,
         routes=routes,
+        shared_state=None if shared is None else shared_status(shared),
+    )
+
+
+def shared_status(shared: SharedState) -> SharedStateStatus:
+    """The shared state's row: backend, server (no password: the config holds none) and link."""
+    stats = shared.stats
+    return SharedStateStatus(
+        backend="redis",
+        url=shared.url,
+        connected=stats.connected,
+        errors=stats.errors,
+        lag_ms=None if stats.lag_s is None else round(stats.lag_s * 1000, 2),
     )
 
 
@@ -126,6 +142,12 @@ def render(report: StatusReport) -> str:
         f"connections {report.connections}  in flight {report.in_flight}",
         "",
     ]
+    if (shared := report.shared_state) is not None:
+        link = "connected" if shared.connected else "DISCONNECTED (serving on local state)"
+        lines += [
+            f"shared state: {shared.backend} {shared.url}  {link}  errors {shared.errors}",
+            "",
+        ]
     lines += _table(
         ["TARGET", "BREAKER", "OPEN FOR", "OK", "FAILED", "LATENCY"],
         (

@@ -181,6 +181,16 @@ class RouteStatus(msgspec.Struct, omit_defaults=True):
     waiting: int = 0
 
 
+class SharedStateStatus(msgspec.Struct, omit_defaults=True):
+    """The state shared with other hosts: its backend, server and whether it is reached."""
+
+    backend: str
+    url: str
+    connected: bool
+    errors: int = 0
+    lag_ms: float | None = None
+
+
 class StatusReport(msgspec.Struct, tag="status_report", tag_field="type", omit_defaults=True):
     """The same data as ``routerd status --json``."""
 
@@ -192,6 +202,8 @@ class StatusReport(msgspec.Struct, tag="status_report", tag_field="type", omit_d
     credentials: list[CredentialStatus]
     targets: list[TargetStatus]
     routes: list[RouteStatus]
+    # Absent when the state file alone holds the state ([state] backend = "file").
+    shared_state: SharedStateStatus | None = None
 
 
 class Reloaded(msgspec.Struct, tag="reloaded", tag_field="type"):

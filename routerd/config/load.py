@@ -19,7 +19,7 @@ from routerd.config.problems import (
     syntax_problem,
 )
 from routerd.config.schema import Config
-from routerd.config.secrets import Secret, resolve_secrets
+from routerd.config.secrets import Secret, resolve_secrets, resolve_state_password
 from routerd.config.validate import validate_config
 
 
@@ -91,6 +91,10 @@ def check_config(
         resolve_secrets(
             config, environ=env, credentials_dir=credentials_dir, source=source, text=text
         )
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
+        resolve_state_password(config, environ=env, source=source, text=text)
     except ConfigError as exc:
         problems.extend(exc.problems)
     server = config.server

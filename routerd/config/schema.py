@@ -106,6 +106,22 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     adhoc_idle_s: float = 600.0
 
 
+class StateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """Where credential and breaker state is shared: the state file alone (the default), or
+    a Redis / Valkey server that several hosts using the same keys share.
+
+    The password comes from password_env or password_file (at most one), never the config.
+    """
+
+    backend: Literal["file", "redis"] = "file"
+    url: str | None = None
+    prefix: str = "routerd"
+    password_env: str | None = None
+    password_file: str | None = None
+    # Each command to the server: a slower answer counts as the server being down.
+    timeout_s: float = 1.0
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """The whole config file."""
 
@@ -114,6 +130,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     models: dict[str, ModelConfig] = msgspec.field(default_factory=dict)
     breaker: BreakerConfig = msgspec.field(default_factory=BreakerConfig)
+    state: StateConfig = msgspec.field(default_factory=StateConfig)
 
 
 def split_target(target: str) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from routerd.config.schema import Config, CredentialConfig, ProviderConfig
 from routerd.config.tomlpos import KeyPath
 from routerd.config.validate import env_name_problem, looks_like_key
 
-__all__ = ["Secret", "fingerprint", "resolve_secrets"]
+__all__ = ["Secret", "fingerprint", "resolve_secrets", "resolve_state_password"]
 
 # Far above any real API key; a bigger file is the wrong file, and is not read whole.
 _MAX_KEY_BYTES = 64 * 1024
@@ -81,6 +81,42 @@ def resolve_secrets(
         secrets.extend(_resolve_provider(name, provider, env, cred_dir, problems))
     problems.raise_if_any()
     return secrets
+
+
+def resolve_state_password(
+    config: Config,
+    *,
+    environ: Mapping[str, str] | None = None,
+    source: str = "<config>",
+    text: str | None = None,
+) -> str | None:
+    """The shared state server's password from [state] password_env or password_file.
+
+    None when neither is set (or the backend is the state file). Raises ConfigError naming
+    the key and its line when the password cannot be read; the message never holds it.
+    """
+    state = config.state
+    if state.backend != "redis":
+        return None
+    env = os.environ if environ is None else environ
+    problems = ProblemList(source, text)
+    password: str | None = None
+    try:
+        if state.password_env is not None:
+            where: KeyPath = ("state", "password_env")
+            if message := env_name_problem(state.password_env):
+                raise _Missing(where, message)
+            password = env.get(state.password_env, "").strip()
+            if not password:
+                raise _Missing(where, f"environment variable {state.password_env} is not set")
+        elif state.password_file is not None:
+            where = ("state", "password_file")
+            what = f"password file {state.password_file}"
+            password = _read_key_file(where, state.password_file, what)
+    except _Missing as exc:
+        problems.add(exc.args[0], exc.args[1])
+    problems.raise_if_any()
+    return password
 
 
 def _resolve_provider(

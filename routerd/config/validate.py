@@ -22,6 +22,7 @@ from routerd.config.schema import (
     ProviderConfig,
     RouteConfig,
     ServerConfig,
+    StateConfig,
     split_target,
 )
 
@@ -75,6 +76,7 @@ def validate_config(
         _check_route(problems, config, name, route)
     _check_server(problems, config.server)
     _check_breaker(problems, config.breaker)
+    _check_state(problems, config.state)
     return problems.problems
 
 
@@ -285,3 +287,47 @@ def _check_breaker(problems: ProblemList, breaker: BreakerConfig) -> None:
     _positive(problems, (*here, "max_open_s"), breaker.max_open_s)
     if breaker.max_open_s < breaker.open_s:
         problems.add((*here, "max_open_s"), f"must be at least open_s ({breaker.open_s})")
+
+
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
+_PREFIX = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def _check_state(problems: ProblemList, state: StateConfig) -> None:
+    here = ("state",)
+    if state.backend == "file":
+        for field in ("url", "password_env", "password_file"):
+            if getattr(state, field) is not None:
+                problems.add((*here, field), 'has no effect unless backend = "redis"')
+        return
+    if state.url is None:
+        problems.add(here, 'backend = "redis" needs url, such as "redis://127.0.0.1:6379/0"')
+    elif message := _redis_url_problem(state.url):
+        problems.add((*here, "url"), message)
+    if not _PREFIX.fullmatch(state.prefix):
+        problems.add((*here, "prefix"), "must be 1-64 letters, digits or _ . : -")
+    if state.password_env is not None and state.password_file is not None:
+        problems.add(here, "give at most one of password_env, password_file")
+    if state.password_env is not None and (message := env_name_problem(state.password_env)):
+        problems.add((*here, "password_env"), message)
+    if state.password_file is not None and not os.path.isabs(state.password_file):
+        problems.add((*here, "password_file"), "must be the absolute path of a file")
+    _positive(problems, (*here, "timeout_s"), state.timeout_s)
+
+
+def _redis_url_problem(url: str) -> str | None:
+    """Why ``url`` names no Redis server; the message never repeats a password in it."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        return "is not a URL; expected redis://host:port/db, rediss://... or unix:///path"
+    if parts.scheme not in _REDIS_SCHEMES:
+        return "must start with redis://, rediss:// or unix://"
+    if parts.password:
+        return "must not hold a password; use password_env or password_file"
+    if parts.scheme == "unix" and not parts.path.startswith("/"):
+        return "unix:// needs the absolute path of the socket, such as unix:///run/redis.sock"
+    if parts.scheme != "unix" and not parts.hostname:
+        return "must name a host, such as redis://127.0.0.1:6379/0"
+    return None

@@ -84,6 +84,14 @@ class LocalLimit:
         self.spent.append((now, amount))
         self.total += amount
 
+    def refund(self, amount: int, at: float) -> None:
+        """Take back a request of ``amount`` recorded at ``at`` that was never sent."""
+        for index in range(len(self.spent) - 1, -1, -1):
+            if self.spent[index] == (at, amount):
+                del self.spent[index]
+                self.total -= amount
+                return
+
 
 class Watcher(Protocol):
     """Keeps something derived from credentials (the plan's pool index) current."""
@@ -124,6 +132,11 @@ class CredentialState:
 
     proven: bool = False
     probation_until: float = 0.0
+    # Another host sharing this key tries it first (``core/shared.py``): until then, or until
+    # it shares the verdict, this host leaves an unproven key alone.
+    remote_probe_until: float = 0.0
+    # The fleet's ledger of this key's provider window is full until then (``shared.py``).
+    held_until: float = 0.0
     in_flight: int = 0
     uses: int = 0
     last_used: float = 0.0
@@ -159,6 +172,10 @@ class CredentialState:
             return math.inf
         if not self.proven and self.in_flight and now < self.probation_until:
             return self.probation_until
+        if not self.proven and now < self.remote_probe_until:
+            return self.remote_probe_until
+        if now < self.held_until:
+            return self.held_until
         if (
             long
             and not self.long_proven
@@ -166,7 +183,8 @@ class CredentialState:
             and now < self.long_probation_until
         ):
             return self.long_probation_until
-        at = max(at, self.requests.free_at(1, now))
+        if not self.requests.guarded:
+            at = max(at, self.requests.free_at(1, now))
         if tokens <= (self.tokens.limit or 0):
             at = max(at, self.tokens.free_at(tokens, now))
         if self.rpm is not None:
@@ -225,6 +243,22 @@ class CredentialState:
                 self.long_in_flight = max(0, self.long_in_flight - 1)
             self.requests.answer(1)
             self.tokens.answer(lease.tokens)
+        self.changed()
+
+    def unsend(self, lease: Lease) -> None:
+        """A leased request was never sent: undo what ``lease`` counted."""
+        self.in_flight = max(0, self.in_flight - 1)
+        self.probing = False
+        self.uses = max(0, self.uses - 1)
+        if lease.long:
+            self.long_in_flight = max(0, self.long_in_flight - 1)
+        self.requests.unspend(1)
+        self.tokens.unspend(lease.tokens)
+        if lease.sent_at is not None:
+            if self.rpm is not None:
+                self.rpm.refund(1, lease.sent_at)
+            if self.tpm is not None:
+                self.tpm.refund(lease.tokens, lease.sent_at)
         self.changed()
 
     def learn(

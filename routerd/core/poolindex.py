@@ -42,7 +42,11 @@ def rest_until(c: CredentialState, now: float) -> float:
         return math.inf
     if not c.proven and c.in_flight and now < c.probation_until:
         return c.probation_until
-    at = max(now, c.requests.free_at(1, now))
+    if not c.proven and now < c.remote_probe_until:
+        return c.remote_probe_until
+    if now < c.held_until:
+        return c.held_until
+    at = now if c.requests.guarded else max(now, c.requests.free_at(1, now))
     if c.rpm is not None:
         at = max(at, c.rpm.free_at(1, now))
     return at

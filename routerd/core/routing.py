@@ -128,6 +128,9 @@ class Cancelled:
 
 
 CANCELLED = Cancelled()
+# Cancelled before it was sent (another host's limits left no room): the request is taken
+# back from the key's counts as if never made.
+NOT_SENT = Cancelled()
 
 Outcome = Success | Failure | Cancelled
 
@@ -197,7 +200,10 @@ class RoutingCore:
         credential, target = ticket.candidate.credential, ticket.candidate.target
         breaker = target.breaker
         if isinstance(outcome, Cancelled):
-            credential.release(ticket.lease)
+            if outcome is NOT_SENT:
+                credential.unsend(ticket.lease)
+            else:
+                credential.release(ticket.lease)
             breaker.released(ticket.probe)
             return events
         requests_limit, tokens_limit = credential.requests.limit, credential.tokens.limit

@@ -62,6 +62,9 @@ class LearnedWindow:
     _matured: dict[int, tuple[float, int]] = field(default_factory=dict, repr=False)
     _gone: set[int] = field(default_factory=set, repr=False)
     matured: int = 0
+    # Hosts spending this window together (``core/shared.py``): past its share of the
+    # window, each takes a place in the fleet's ledger before it sends.
+    hosts: int = 1
     _ids: itertools.count[int] = field(default_factory=itertools.count, repr=False)
 
     def learn(
@@ -147,6 +150,13 @@ class LearnedWindow:
             if self.limit is not None:
                 self.remaining = min(self.remaining, self.limit)
 
+    @property
+    def guarded(self) -> bool:
+        """Whether the fleet's ledger, not this estimate, says when a request fits: other
+        hosts spend the window too (whose requests this host hears of late) and a reply
+        told its limit and length. ``needs_place`` in ``core/shared.py`` asks the same."""
+        return self.hosts >= 2 and self.limit is not None and self.longest_reset > 0
+
     def left(self, now: float) -> int | None:
         """What is left now; once the reset passed, the whole limit (None when unknown)."""
         if self.remaining is None:
@@ -195,6 +205,14 @@ class LearnedWindow:
             self.remaining = max(0, self.remaining - amount)
         return self.answered
 
+    def unspend(self, amount: int) -> None:
+        """A request counted by ``spend`` was never sent."""
+        self.sent = max(0, self.sent - amount)
+        if self.remaining is not None:
+            self.remaining += amount
+            if self.limit is not None:
+                self.remaining = min(self.remaining, self.limit)
+
     def answer(self, amount: int) -> None:
         """A request we sent was answered (or given up on)."""
         self.answered += amount
@@ -213,6 +231,33 @@ class LearnedWindow:
         self._matured.clear()
         self._gone.clear()
         self.matured = 0
+
+    def merge(
+        self,
+        limit: int | None,
+        remaining: int,
+        reset_at: float,
+        now: float,
+        *,
+        newer_wins: bool = False,
+    ) -> bool:
+        """Take another host's figure of the same provider window: what is left is
+        ``remaining`` until ``reset_at``. A running estimate here is kept, its reset moved
+        later to the other's; unless ``newer_wins`` (a ledger of the fleet's requests
+        guards the window) and the other's figure comes from a later reply. Returns
+        whether anything changed."""
+        if self.limit is None and limit is not None:
+            self.limit = limit
+        running = self.remaining is not None and now < self.reset_at
+        if running and not (newer_wins and reset_at > self.reset_at):
+            changed = reset_at > self.reset_at
+            self.reset_at = max(self.reset_at, reset_at)
+            return changed
+        self._roll(now)
+        self.remaining = remaining
+        self.reset_at = max(self.reset_at, reset_at) if now < self.reset_at else reset_at
+        self.guessed = False
+        return True
 
     def fraction(self, now: float) -> float | None:
         """Remaining share of the window, 0..1, None when unknown."""

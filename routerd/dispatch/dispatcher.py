@@ -38,6 +38,7 @@ from routerd.dispatch.attempt import (
 )
 from routerd.dispatch.queue import Waiter, give_up, hopeless
 from routerd.dispatch.routes import Route, RouteTable
+from routerd.dispatch.sharing import Sharing
 from routerd.upstream.base import Adapter
 
 log = structlog.get_logger("routerd.dispatch")
@@ -108,6 +109,7 @@ class Dispatcher:
         max_adhoc_targets: int = 256,
         adhoc_idle_s: float = 600.0,
         on_drop: Callable[[str], None] = lambda name: None,
+        sharing: Sharing | None = None,
     ) -> None:
         self._table = RouteTable(
             routes,
@@ -128,6 +130,8 @@ class Dispatcher:
         self.rotations = self.core.rotations
         self._on_change = on_change
         self._observer = observer
+        # The hosts sharing these keys ([state] backend = "redis"), told of each attempt.
+        self.sharing = sharing
         self._idle: anyio.Event | None = None
         # The routes that had waiters since the last notify: only they need a look.
         self._queued: dict[str, Route] = {}
@@ -336,9 +340,11 @@ class Dispatcher:
 
     async def _attempt(
         self, candidate: Candidate, job: _Job, leased: Callable[[], None] | None = None
-    ) -> Reply | Failure:
+    ) -> Reply | Failure | None:
         """One call with one credential, begun and settled by the core; a Failure means
-        try again. ``leased`` runs once the credential is leased, before the first await.
+        try again, None that the hosts sharing the key left no room for it now (plan again:
+        the key is held until they do). ``leased`` runs once the credential is leased,
+        before the first await.
         """
         target, label = candidate.target, candidate.credential.label
         actor = self.actors[(candidate.credential.provider, label)]
@@ -355,11 +361,17 @@ class Dispatcher:
         # Ending before a reply or a classified failure (client gone, Cancel frame,
         # deadline) is a cancel: either way the finally settles the attempt exactly once.
         result: Completion | Failure | None = None
+        sent = True
         try:
             if events:
                 self._on_events(actor, events)
             if leased is not None:
                 leased()
+            if self.sharing is not None:
+                sent = False  # until the fleet lets it go (a cancel may come meanwhile)
+                if not await self.sharing.begun(candidate, ticket):
+                    return None
+                sent = True
             call = build_call(provider, candidate, actor.secret.key, job.request)
             try:
                 if job.stream:
@@ -371,8 +383,11 @@ class Dispatcher:
         finally:
             done = self._clock()
             latency_ms = (done - ticket.started) * 1000
-            outcome = settled_outcome(result, latency_ms)
-            self._on_events(actor, self.core.settle(ticket, outcome, done))
+            outcome = settled_outcome(result, latency_ms) if sent else core.NOT_SENT
+            events = self.core.settle(ticket, outcome, done)
+            self._on_events(actor, events)
+            if self.sharing is not None:
+                self.sharing.settled(candidate, ticket, events)
         settled = record(candidate, result, round(latency_ms, 2), delivered, job.attempts)
         if isinstance(settled, Failure):
             job.last_failure = settled
