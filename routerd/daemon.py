@@ -45,6 +45,7 @@ from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
+from routerd.fronts.http.responses_store import StoreFile
 from routerd.fronts.msgpack.server import Connection, serve_clients
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
@@ -103,6 +104,9 @@ class Daemon:
         # The HTTP front (routerd.fronts.http): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
+        # The Responses API's answered turns, kept beside the state file.
+        self._responses_file = StoreFile.beside(self.state_path, config.server)
+        self.responses = self._responses_file.store
         self.http = UpstreamSession(upstream)
         self.actors = {
             (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
@@ -276,6 +280,7 @@ class Daemon:
             self._save_now = anyio.Event()
             if self._dirty:
                 await self.save_state_async()
+            await self._responses_file.save()
 
     # ---- serving ----------------------------------------------------------------------
 
@@ -333,6 +338,7 @@ class Daemon:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
         self.restore_state()
+        self._responses_file.restore()
         # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
         self.front = HttpFront.open(
             self.config.server,
@@ -342,6 +348,7 @@ class Daemon:
             peers=self.peers,
             budget=self.buffer_budget,
             max_connections=self.max_connections,
+            responses=self.responses,
         )
         async with self.http, anyio.create_task_group() as root:
             self._root = root
@@ -384,6 +391,7 @@ class Daemon:
                     connections.cancel_scope.cancel()
             with anyio.move_on_after(5, shield=True):
                 await self.save_state_async()
+                await self._responses_file.save(force=True)
             root.cancel_scope.cancel()
         log.info("stopped")
 

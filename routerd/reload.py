@@ -38,6 +38,9 @@ RESTART_KEYS = (
     "http_keepalive_s",
     "buffer_budget",
     "mailbox_size",
+    "responses_max",
+    "responses_max_bytes",
+    "responses_ttl_s",
 )
 
 

@@ -104,6 +104,11 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # once, and how long an unused one is kept.
     max_adhoc_targets: int = 256
     adhoc_idle_s: float = 600.0
+    # The Responses API's answered turns, kept for previous_response_id and GET: how many,
+    # how many bytes in all, and for how long (0 responses: nothing is kept).
+    responses_max: int = 10_000
+    responses_max_bytes: int = 64 * 1024 * 1024
+    responses_ttl_s: float = 7 * 86400.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

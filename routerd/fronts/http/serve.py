@@ -32,6 +32,7 @@ from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http.app import FrontApp, FrontState
 from routerd.fronts.http.connections import AcceptErrors, Gate, front_protocol
 from routerd.fronts.http.metrics import Metrics
+from routerd.fronts.http.responses_store import ResponseStore
 from routerd.fronts.peers import PeerPolicy
 
 log = structlog.get_logger("routerd.front")
@@ -191,13 +192,15 @@ class HttpFront:
         peers: PeerPolicy | None = None,
         budget: BufferBudget | None = None,
         max_connections: int | None = None,
+        responses: ResponseStore | None = None,
     ) -> HttpFront | None:
         """Bind the configured listeners; None when neither http_socket nor http_listen is set.
 
         ``budget`` is the daemon's buffer budget, shared with the msgpack front (a budget
         of server.buffer_budget of the front's own when None); ``max_connections`` caps the
         open connections of each kind of listener (server.max_connections when None; the
-        daemon passes less when its file-descriptor limit allows less).
+        daemon passes less when its file-descriptor limit allows less); ``responses`` the
+        daemon's store of Responses API turns (one of the front's own when None).
         Raises FrontError (a RuntimeError) with a message for the operator.
         """
         if server.http_socket is None and server.http_listen is None:
@@ -224,6 +227,7 @@ class HttpFront:
             server.max_frame,
             budget=budget if budget is not None else BufferBudget(server.buffer_budget),
             read_timeout_s=server.read_timeout_s,
+            responses=responses if responses is not None else ResponseStore(),
         )
         return cls(
             state,
