@@ -16,7 +16,7 @@ import httpx
 import httpx2
 import openai
 import pytest
-from openai.types.responses import ResponseFailedEvent
+from openai.types.responses import ResponseCreatedEvent, ResponseFailedEvent
 
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
 from tests.conftest import DaemonFactory, canary
@@ -215,6 +215,9 @@ def test_a_stream_is_the_documented_event_sequence(front: Front) -> None:
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == final.output_text == "mock reply from m1 via main: stream me"
     assert final.status == "completed" and final.usage is not None
+    created = events[0]
+    assert isinstance(created, ResponseCreatedEvent)
+    assert created.response.model == final.model == "m1"
 
 
 def test_a_streamed_function_call(front: Front) -> None:

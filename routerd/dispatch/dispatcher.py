@@ -406,6 +406,9 @@ class Dispatcher:
                     parts.append(delta.text)
                 if delta.tool_calls:
                     merge_tool_calls(tool_calls, delta.tool_calls)
+                if delta.model != upstream.model:
+                    # Every piece names the model serving it, as the finished reply will.
+                    delta = Delta(delta.text, delta.tool_calls, delta.finish_reason, upstream.model)
                 await deliver(delta)
             return Completion(
                 text="".join(parts),

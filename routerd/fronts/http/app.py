@@ -55,7 +55,10 @@ log = structlog.get_logger("routerd.front")
 
 
 class StreamEncoder(Protocol):
-    """Turns a reply into one API's stream, piece by piece."""
+    """Turns a reply into one API's stream, piece by piece; ``model`` is what it names as
+    the model (the serving one, once a delta or the reply tells)."""
+
+    model: str
 
     def opening(self) -> bytes: ...
     def delta(self, delta: Delta) -> bytes: ...
@@ -298,6 +301,7 @@ class FrontApp:
             head = b""
             if not started:
                 await start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                encoder.model = outcome.model
                 head = encoder.opening()
             await send({"type": "http.response.body", "body": head + encoder.closing(outcome)})
             return

@@ -157,6 +157,8 @@ class ChunkEncoder:
 
     def delta(self, delta: Delta) -> bytes:
         """One upstream Delta as a chunk; nothing for a delta that carries only a finish."""
+        if delta.model:
+            self.model = delta.model
         if not delta.text and not delta.tool_calls:
             return b""
         piece: dict[str, Any] = {}

@@ -139,13 +139,13 @@ class EventEncoder:
     def __init__(
         self,
         rid: str,
-        route: str,
+        model: str,
         echo: dict[str, Any],
         on_final: Callable[[Reply, dict[str, Any]], None] | None = None,
     ) -> None:
         self.id = rid
         self.created = int(time.time())
-        self.route = route
+        self.model = model  # the route until a delta names the serving model
         self.echo = echo
         self._on_final = on_final
         self._opened = False
@@ -160,7 +160,7 @@ class EventEncoder:
         return sse(event, kind)
 
     def _response(self, status: str, **fields: Any) -> dict[str, Any]:
-        model = fields.pop("model", self.route)
+        model = fields.pop("model", self.model)
         return response_object(
             self.id, self.created, self.echo, model=model, status=status, **fields
         )
@@ -177,6 +177,8 @@ class EventEncoder:
         )
 
     def delta(self, delta: Delta) -> bytes:
+        if delta.model:
+            self.model = delta.model
         out = self.opening() if delta.text or delta.tool_calls else b""
         if delta.text:
             if self._text is None:
