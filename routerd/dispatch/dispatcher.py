@@ -231,10 +231,14 @@ class Dispatcher:
         requests are served fairly across clients. ``prompt_tokens`` is the prompt's
         estimate when the front has made it already (one walk over a long prompt, not two).
         """
-        route = self.resolve(route_name)
-        budget = route.deadline_s if deadline is None else deadline
-        if not budget > 0:
-            raise Refused("bad_request", f"deadline must be positive, got {deadline}")
+        try:
+            route = self.resolve(route_name)
+            budget = route.deadline_s if deadline is None else deadline
+            if not budget > 0:
+                raise Refused("bad_request", f"deadline must be positive, got {deadline}")
+        except Refused as exc:
+            self.refused(exc.kind)
+            raise
         started = self._clock()
         job = _Job(route, request, stream, on_delta, started + budget, (priority, client))
         job.retries_left = route.retries
@@ -256,6 +260,12 @@ class Dispatcher:
             raise
         finally:
             self._finished(job, outcome, started)
+
+    def refused(self, kind: str) -> None:
+        """Count a request refused before it was routed (unknown route, malformed request):
+        its route label is empty, since a client may name any route."""
+        if self._observer is not None:
+            self._observer("", None, kind, 0.0)
 
     def _finished(self, job: _Job, outcome: str, started: float) -> None:
         """A request ended: free its place, log its one line, tell the observer."""

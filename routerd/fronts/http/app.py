@@ -103,6 +103,10 @@ class _Chat:
     prompt_tokens: int | None = None
 
 
+# The paths whose requests reach the dispatcher: a refusal before routing counts there too.
+_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
+
+
 @dataclass(frozen=True, slots=True)
 class _Request:
     method: str
@@ -134,7 +138,10 @@ class FrontApp:
             hangup=scope.get(HANGUP_KEY),
         )
         api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
-        if self._token is not None and not self._authorized(request.headers):
+        # Liveness probes need no secret: /healthz says nothing about keys or traffic.
+        public = request.path == "/healthz"
+        if self._token is not None and not public and not self._authorized(request.headers):
+            self._refused(request, "unauthenticated")
             await reply_error(
                 send,
                 front_error(
@@ -148,19 +155,28 @@ class FrontApp:
         try:
             await self._route(request, api, receive, send)
         except BodyTooLarge:
+            self._refused(request, "request_too_large")
             message = f"the request body exceeds server.max_frame ({self.state.max_body} bytes)"
             await reply_error(send, front_error(api, "request_too_large", message), close=True)
         except BodyTimeout:
+            self._refused(request, "request_timeout")
             message = (
                 f"the request body did not arrive whole within server.read_timeout_s "
                 f"({self.state.read_timeout_s:g} s)"
             )
             await reply_error(send, front_error(api, "request_timeout", message), close=True)
         except BudgetExhausted as exc:
+            self._refused(request, "unavailable")
             error = front_error(api, "unavailable", str(exc), retry=True)
             await reply_error(send, error, retry_after_s=1, close=True)
         except ShapeError as exc:
+            self._refused(request, "bad_request")
             await reply_error(send, front_error(api, "bad_request", str(exc)))
+
+    def _refused(self, request: _Request, kind: str) -> None:
+        """Count a model request refused before routing (requests_total, route "")."""
+        if request.path in _MODEL_PATHS:
+            self.state.dispatcher.refused(kind)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self._token is not None

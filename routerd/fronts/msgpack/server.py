@@ -350,6 +350,7 @@ class Connection:
                 return
             problem = check_chat(message) or check_messages(message)
             if problem is not None:
+                self.dispatcher.refused("bad_request")
                 await self.send(Error(message.id, "bad_request", problem))
                 return
             if self.draining():
