@@ -127,6 +127,11 @@ def _run_demo(requests: int, clients: int, keep: bool) -> int:
                 _print("  " + out.strip().replace("\n", "\n  "))
                 failed += proc.returncode != 0
             _print(f"routerd demo: all clients done in {time.monotonic() - started:.1f} s")
+            _print(
+                "  (a silent key switch: routerd's first key for a request failed (429, 402,\n"
+                "  401 or a fault) and routerd retried it on another key or target itself;\n"
+                "  the client got its reply and never saw the failure)"
+            )
             _print()
             _show_upstream_calls(mock.stats()["calls"])
             _print()
