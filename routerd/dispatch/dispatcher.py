@@ -275,7 +275,10 @@ class Dispatcher:
         if not self.in_flight and self._idle is not None:
             self._idle.set()
         last = job.attempts[-1] if job.attempts else None
-        log.info(
+        # A failed request is a warning, so filtering warnings shows an outage; a reply, or
+        # a client that cancelled its own request, is routine.
+        emit = log.info if outcome in ("ok", "cancelled") else log.warning
+        emit(
             "request",
             route=job.route.name,
             outcome=outcome,
@@ -396,11 +399,11 @@ class Dispatcher:
         for event in events:
             if isinstance(event, core.BreakerOpened | core.BreakerSuspect):
                 name = "opened" if isinstance(event, core.BreakerOpened) else "suspect"
-                log.info(
+                log.warning(
                     f"breaker_{name}", target=event.target, was=event.was.value, reason=event.reason
                 )
             elif isinstance(event, core.BreakerClosed):
-                log.info("breaker_closed", target=event.target, was=event.was.value, reason="")
+                log.warning("breaker_closed", target=event.target, was=event.was.value, reason="")
             elif isinstance(event, core.BreakerHalfOpen):
                 log.debug("breaker_half_open", target=event.target)
             else:
