@@ -316,11 +316,9 @@ class Daemon:
         finally:
             self.connections -= 1
 
-    async def _listen(self) -> SocketListener:
-        for name, sock in sdnotify.listen_sockets():
-            if sock.family == socket.AF_UNIX and name in (None, "msgpack", "routerd.socket"):
-                log.info("socket_activated", name=name)
-                return await SocketListener.from_socket(sock)
+    async def _listen(self, inherited: list[socket.socket]) -> SocketListener:
+        if inherited:
+            return await SocketListener.from_socket(inherited[0])
         path = self.socket_path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -339,6 +337,9 @@ class Daemon:
         """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
         self.restore_state()
         self._responses_file.restore()
+        msgpack_socket, http_sockets = sdnotify.front_sockets()
+        if msgpack_socket or http_sockets:
+            log.info("socket_activated", msgpack=len(msgpack_socket), http=len(http_sockets))
         # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
         self.front = HttpFront.open(
             self.config.server,
@@ -349,6 +350,7 @@ class Daemon:
             budget=self.buffer_budget,
             max_connections=self.max_connections,
             responses=self.responses,
+            activated=http_sockets,
         )
         async with self.http, anyio.create_task_group() as root:
             self._root = root
@@ -361,7 +363,7 @@ class Daemon:
             interval = sdnotify.watchdog_interval()
             if interval is not None:
                 root.start_soon(sdnotify.watchdog_loop, interval)
-            listener = await self._listen()
+            listener = await self._listen(msgpack_socket)
             stop_signals = (signal.SIGTERM, signal.SIGINT)
             with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
                 async with anyio.create_task_group() as connections:
