@@ -40,6 +40,7 @@ from routerd.config.load import load_config, read_config_text
 from routerd.config.problems import ConfigError, ConfigProblem
 from routerd.config.schema import Config
 from routerd.config.secrets import Secret, resolve_secrets
+from routerd.core.affinity import Affinity
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
@@ -113,7 +114,11 @@ class Daemon:
         }
         self._pools = pools_of(self.actors)
         self._targets: dict[str, Target] = {}
-        self.dispatcher = Dispatcher(
+        self.dispatcher = self._dispatcher(config, clock)
+
+    def _dispatcher(self, config: Config, clock: Callable[[], float]) -> Dispatcher:
+        """The dispatcher over the routes, targets and actors built above."""
+        return Dispatcher(
             build_routes(config, self._targets, self._pools),
             self._targets,
             self.actors,
@@ -127,6 +132,7 @@ class Daemon:
             max_adhoc_targets=config.server.max_adhoc_targets,
             adhoc_idle_s=config.server.adhoc_idle_s,
             on_drop=self.metrics.forget,
+            affinity=Affinity(config.server.affinity_sessions, config.server.affinity_idle_s),
         )
 
     def _make_actor(self, secret: Secret, order: int, config: Config) -> CredentialActor:
@@ -239,6 +245,7 @@ class Daemon:
             self.dispatcher.rotations,
             self.clock(),
             time.time(),
+            self.dispatcher.affinity,
         )
         log.info("state_restored", path=str(self.state_path), credentials=matched)
 
@@ -251,6 +258,7 @@ class Daemon:
             dict(self.dispatcher.rotations),
             self.clock(),
             time.time(),
+            self.dispatcher.affinity,
         )
 
     def save_state(self) -> None:
@@ -333,15 +341,9 @@ class Daemon:
         self._owns_socket = True
         return listener
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
-        self.restore_state()
-        self._responses_file.restore()
-        msgpack_socket, http_sockets = sdnotify.front_sockets()
-        if msgpack_socket or http_sockets:
-            log.info("socket_activated", msgpack=len(msgpack_socket), http=len(http_sockets))
-        # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
-        self.front = HttpFront.open(
+    def _open_front(self, activated: list[socket.socket]) -> HttpFront | None:
+        """The HTTP front on the configured sockets, or on those systemd passed."""
+        return HttpFront.open(
             self.config.server,
             self.dispatcher,
             metrics=self.metrics,
@@ -350,8 +352,18 @@ class Daemon:
             budget=self.buffer_budget,
             max_connections=self.max_connections,
             responses=self.responses,
-            activated=http_sockets,
+            activated=activated,
         )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
+        self.restore_state()
+        self._responses_file.restore()
+        msgpack_socket, http_sockets = sdnotify.front_sockets()
+        if msgpack_socket or http_sockets:
+            log.info("socket_activated", msgpack=len(msgpack_socket), http=len(http_sockets))
+        # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
+        self.front = self._open_front(http_sockets)
         async with self.http, anyio.create_task_group() as root:
             self._root = root
             for actor in self.actors.values():

@@ -24,6 +24,10 @@ class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    # Keys of one organisation (one prompt cache): conversations may move among them.
+    cache_group: str | None = None
+    # False: this key has no long-context tier; long requests never try it.
+    long_context: bool = True
 
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -109,6 +113,10 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     responses_max: int = 10_000
     responses_max_bytes: int = 64 * 1024 * 1024
     responses_ttl_s: float = 7 * 86400.0
+    # Conversation affinity: how many conversations are kept on their credentials, and how
+    # long one is held without a turn (0 conversations: no affinity).
+    affinity_sessions: int = 10_000
+    affinity_idle_s: float = 3600.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

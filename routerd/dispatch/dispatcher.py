@@ -23,7 +23,8 @@ import anyio
 import structlog
 
 from routerd.core import routing as core
-from routerd.core.calls import Attempt, Call, Completion, Delta, Reply
+from routerd.core.affinity import Affinity, session_in, session_key
+from routerd.core.calls import Attempt, Completion, Delta, Reply
 from routerd.core.errors import Refused
 from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.core.plan import Candidate, Exclusions, Plan, Target, plan
@@ -32,13 +33,13 @@ from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.attempt import (
     ProviderRuntime,
     build_call,
-    merge_tool_calls,
     record,
     settled_outcome,
+    streamed,
 )
 from routerd.dispatch.queue import Waiter, give_up, hopeless
 from routerd.dispatch.routes import Route, RouteTable
-from routerd.upstream.base import Adapter
+from routerd.dispatch.sticky import place
 
 log = structlog.get_logger("routerd.dispatch")
 
@@ -67,6 +68,9 @@ class _Job:
     exclusions: Exclusions = field(default_factory=Exclusions)
     retries_left: int = 0
     last_failure: Failure | None = None
+    # The conversation (its hashed session key), and whether its placement was counted.
+    session: str | None = None
+    placed: bool = False
 
     def retry_round(self) -> bool:
         """Every target failed this request once: the retry budget pays for another round,
@@ -108,6 +112,7 @@ class Dispatcher:
         max_adhoc_targets: int = 256,
         adhoc_idle_s: float = 600.0,
         on_drop: Callable[[str], None] = lambda name: None,
+        affinity: Affinity | None = None,
     ) -> None:
         self._table = RouteTable(
             routes,
@@ -120,6 +125,7 @@ class Dispatcher:
         )
         self.actors = actors
         self.providers = providers
+        self.affinity = affinity if affinity is not None else Affinity()
         self.in_flight = 0
         self._clock = clock
         self._rng = rng or random.Random()
@@ -224,12 +230,14 @@ class Dispatcher:
         on_delta: OnDelta | None = None,
         client: str = "",
         prompt_tokens: int | None = None,
+        session: str | None = None,
     ) -> Reply:
         """Serve one request on a route; raises Refused when it cannot be served.
 
         ``client`` names who sent it (a connection or a peer process), so that waiting
         requests are served fairly across clients. ``prompt_tokens`` is the prompt's
         estimate when the front has made it already (one walk over a long prompt, not two).
+        ``session`` names the conversation: its turns stay where its prompt cache is.
         """
         try:
             route = self.resolve(route_name)
@@ -242,6 +250,9 @@ class Dispatcher:
         started = self._clock()
         job = _Job(route, request, stream, on_delta, started + budget, (priority, client))
         job.retries_left = route.retries
+        session = session or session_in(request)
+        if session and self.affinity.enabled:
+            job.session = session_key(session)
         self.in_flight += 1
         route.active += 1
         outcome = "cancelled"
@@ -325,8 +336,13 @@ class Dispatcher:
                         waiter = None
                         # Once this lease is taken, the next waiter may use what is left.
                         leased = partial(queue.kick, assess, now)
-                    outcome = await self._attempt(decision.candidates[0], job, leased)
+                    candidate = decision.candidates[0]
+                    if job.session is not None:
+                        candidate = self._place(job, decision, now)
+                    outcome = await self._attempt(candidate, job, leased)
                     if isinstance(outcome, Reply):
+                        if job.session is not None:
+                            self.affinity.served(job.session, candidate, self._clock())
                         return outcome
                     continue
                 if job.retry_round():
@@ -346,6 +362,24 @@ class Dispatcher:
         finally:
             if waiter is not None:
                 queue.leave(waiter, assess, self._clock())
+
+    def _place(self, job: _Job, decision: Plan, now: float) -> Candidate:
+        """The candidate for a conversation's turn; its first placement is counted."""
+        assert job.session is not None
+        candidate, outcome, reason = place(
+            self.affinity,
+            job.session,
+            job.route,
+            decision,
+            job.tokens,
+            job.prompt,
+            job.exclusions,
+            now,
+        )
+        if not job.placed:
+            job.placed = True
+            self.affinity.count(outcome, reason)
+        return candidate
 
     async def _attempt(
         self, candidate: Candidate, job: _Job, leased: Callable[[], None] | None = None
@@ -376,7 +410,7 @@ class Dispatcher:
             call = build_call(provider, candidate, actor.secret.key, job.request)
             try:
                 if job.stream:
-                    result = await self._stream(provider.adapter, call, deliver)
+                    result = await streamed(provider.adapter, call, deliver)
                 else:
                     result = await provider.adapter.complete(call)
             except UpstreamFailure as exc:
@@ -409,28 +443,6 @@ class Dispatcher:
             else:
                 actor.report(event)
         self._on_change()
-
-    async def _stream(self, adapter: Adapter, call: Call, deliver: OnDelta) -> Completion:
-        parts: list[str] = []
-        tool_calls: list[dict[str, Any]] = []
-        async with adapter.stream(call) as upstream:
-            async for delta in upstream:
-                if delta.text:
-                    parts.append(delta.text)
-                if delta.tool_calls:
-                    merge_tool_calls(tool_calls, delta.tool_calls)
-                if delta.model != upstream.model:
-                    # Every piece names the model serving it, as the finished reply will.
-                    delta = Delta(delta.text, delta.tool_calls, delta.finish_reason, upstream.model)
-                await deliver(delta)
-            return Completion(
-                text="".join(parts),
-                model=upstream.model,
-                finish_reason=upstream.finish_reason,
-                usage=upstream.usage,
-                limits=upstream.limits,
-                tool_calls=tool_calls or None,
-            )
 
 
 def _all_excluded(route: Route, exclusions: Exclusions) -> bool:

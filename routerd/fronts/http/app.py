@@ -45,6 +45,7 @@ from routerd.fronts.http.asgi import (
     start,
 )
 from routerd.fronts.http.body import BodyTimeout, BodyTooLarge, read_body
+from routerd.fronts.http.cancel import hung_up_on, watched
 from routerd.fronts.http.connections import HANGUP_KEY, Hangup
 from routerd.fronts.http.errors import HttpError, front_error, routed_error
 from routerd.fronts.http.metrics import CONTENT_TYPE, Metrics
@@ -101,6 +102,8 @@ class _Chat:
     render: Callable[[Reply], bytes]
     # The prompt's estimate when the front needed it already; the dispatcher reuses it.
     prompt_tokens: int | None = None
+    # The conversation, when the API's own body carries it past the chat body's fields.
+    session: str | None = None
 
 
 # The paths whose requests reach the dispatcher: a refusal before routing counts there too.
@@ -262,7 +265,15 @@ class FrontApp:
         if isinstance(turn, HttpError):
             await reply_error(send, turn)
             return
-        call = _Chat("openai", turn.route, turn.body, turn.stream, turn.encoder, turn.render)
+        call = _Chat(
+            "openai",
+            turn.route,
+            turn.body,
+            turn.stream,
+            turn.encoder,
+            turn.render,
+            session=turn.session,
+        )
         await self._chat(call, request, receive, send)
 
     async def _stored(self, send: Send, rid: str, *, delete: bool) -> None:
@@ -300,16 +311,23 @@ class FrontApp:
                 on_delta=on_delta if stream else None,
                 client=request.client,
                 prompt_tokens=call.prompt_tokens,
+                session=request.headers.get("x-routerd-session") or call.session,
             )
 
         if request.hangup is not None:
-            outcome, gone = await self._hung_up_on(request.hangup, dispatch)
+            outcome, gone = await hung_up_on(request.hangup, self.state.active, dispatch)
         else:
-            outcome, gone = await self._guarded(receive, dispatch)
-        if gone:
-            return  # the client left; its upstream call was cancelled with it
+            outcome, gone = await watched(receive, self.state.active, dispatch)
+        if not gone:  # else the client left; its upstream call was cancelled with it
+            await self._answer(call, outcome, started, send)
+
+    async def _answer(
+        self, call: _Chat, outcome: Reply | Refused | None, started: bool, send: Send
+    ) -> None:
+        """The reply (or the rest of the stream), or the error, in the call's API's shape."""
+        encoder = call.encoder
         if isinstance(outcome, Reply):
-            if not stream:
+            if not call.stream:
                 content = call.render(outcome)
                 await start(send, 200, [JSON, *served_by(outcome), length(content)])
                 await send({"type": "http.response.body", "body": content})
@@ -322,59 +340,13 @@ class FrontApp:
             await send({"type": "http.response.body", "body": head + encoder.closing(outcome)})
             return
         if outcome is None:
-            error = front_error(api, "unavailable", "routerd is shutting down", retry=True)
+            error = front_error(call.api, "unavailable", "routerd is shutting down", retry=True)
         else:
-            error = routed_error(api, outcome)
+            error = routed_error(call.api, outcome)
         if started:
             await send({"type": "http.response.body", "body": encoder.error(error)})
         else:
             await reply_error(send, error)
-
-    async def _hung_up_on(
-        self, hangup: Hangup, dispatch: Callable[[], Awaitable[Reply]]
-    ) -> tuple[Reply | Refused | None, bool]:
-        """(outcome, client gone), as ``_guarded``, with the protocol's Hangup cancelling the
-        request (and its upstream call) when the client leaves: no watcher task."""
-        outcome: Reply | Refused | None = None
-        with anyio.CancelScope() as scope:
-            self.state.active.add(scope)
-            hangup.watch(scope)
-            try:
-                outcome = await _outcome(dispatch)
-            finally:
-                hangup.finish()
-                self.state.active.discard(scope)
-        return outcome, hangup.gone
-
-    async def _guarded(
-        self, receive: Receive, dispatch: Callable[[], Awaitable[Reply]]
-    ) -> tuple[Reply | Refused | None, bool]:
-        """(outcome, client gone); the outcome is None when the front cancelled it to stop.
-
-        ASGI servers do not cancel an app whose client left; they only tell ``receive``.
-        Under another server than routerd's own protocol, the request runs beside a watcher
-        that cancels it (and its upstream call) then.
-        """
-        outcome: Reply | Refused | None = None
-        gone = False
-        async with anyio.create_task_group() as tg:
-            self.state.active.add(tg.cancel_scope)
-            try:
-
-                async def watch() -> None:
-                    nonlocal gone
-                    # The body is read: receive() now returns only once the client is gone.
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    gone = True
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                outcome = await _outcome(dispatch)
-                tg.cancel_scope.cancel()
-            finally:
-                self.state.active.discard(tg.cancel_scope)
-        return outcome, gone
 
     async def _read_body(self, request: _Request, receive: Receive) -> bytes | None:
         """The whole body within the budget and the read timeout; None if the client left."""
@@ -426,14 +398,3 @@ class FrontApp:
             "buffer_budget": {"used": self.state.budget.used, "limit": self.state.budget.limit},
         }
         await reply_json(send, 503 if draining else 200, encode(body))
-
-
-async def _outcome(dispatch: Callable[[], Awaitable[Reply]]) -> Reply | Refused:
-    """The reply, or the refusal; a crash in routerd is refused as internal, and logged."""
-    try:
-        return await dispatch()
-    except Refused as exc:
-        return exc
-    except Exception:
-        log.exception("http_request_crashed")
-        return Refused("internal", "routerd failed on this request")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from routerd.core.affinity import session_in
 from routerd.core.calls import Reply
 from routerd.fronts.http.errors import HttpError, front_error
 from routerd.fronts.http.responses_input import ResponsesRequest, parse_responses
@@ -27,9 +28,19 @@ from routerd.fronts.http.wire import encode
 class Turn:
     """One request's route, chat body and how its reply is written and kept."""
 
-    def __init__(self, request: ResponsesRequest, earlier: list[Any], store: ResponseStore) -> None:
+    def __init__(
+        self,
+        request: ResponsesRequest,
+        earlier: list[Any],
+        store: ResponseStore,
+        root: str | None = None,
+    ) -> None:
         self.request = request
         self.id = response_id()
+        # The conversation's first response: its turns share one session (prompt cache),
+        # unless the body names one itself (prompt_cache_key, user).
+        self.root = root or self.id
+        self.session = session_in(request.body) or f"response:{self.root}"
         self.route = request.route
         self.stream = request.stream
         self.body = request.chat_body(earlier)
@@ -55,15 +66,18 @@ class Turn:
         """Store the answered turn when the request allowed it."""
         if self.request.store:
             turn = history(self.request.messages, reply)
-            self._store.put(self.id, self.request.previous_response_id, turn, response)
+            previous = self.request.previous_response_id
+            self._store.put(self.id, previous, turn, response, root=self.root)
 
 
 def begin(raw: bytes, store: ResponseStore) -> Turn | HttpError:
     """The turn a body asks for, or the 404 for a previous response no longer kept."""
     request = parse_responses(raw)
     earlier: list[Any] = []
+    root: str | None = None
     previous = request.previous_response_id
     if previous is not None:
+        root = store.root_of(previous)
         found = store.history(previous)
         if found is None:
             return front_error(
@@ -74,7 +88,7 @@ def begin(raw: bytes, store: ResponseStore) -> Turn | HttpError:
                 "store: false).",
             )
         earlier = found
-    return Turn(request, earlier, store)
+    return Turn(request, earlier, store, root)
 
 
 def stored(store: ResponseStore, rid: str, *, delete: bool) -> tuple[int, bytes]:

@@ -37,6 +37,7 @@ class StoredResponse(msgspec.Struct):
     messages: list[Any]  # this turn's input messages and the reply, as chat messages
     response: dict[str, Any]
     size: int = 0
+    root: str | None = None  # the conversation's first response (None: this one)
 
 
 class _File(msgspec.Struct):
@@ -75,12 +76,17 @@ class ResponseStore:
         return self.max_entries > 0
 
     def put(
-        self, rid: str, previous: str | None, messages: list[Any], response: dict[str, Any]
+        self,
+        rid: str,
+        previous: str | None,
+        messages: list[Any],
+        response: dict[str, Any],
+        root: str | None = None,
     ) -> None:
         """Keep one response (dropping the oldest past the bounds)."""
         if not self.enabled:
             return
-        entry = StoredResponse(rid, self._clock(), previous, messages, response)
+        entry = StoredResponse(rid, self._clock(), previous, messages, response, root=root)
         entry.size = len(_encode(entry))
         if entry.size > self.max_bytes:
             log.warning("response_not_stored", response=rid, bytes=entry.size)
@@ -117,6 +123,11 @@ class ResponseStore:
             turns.append(entry.messages)
             current = entry.previous
         return [message for turn in reversed(turns) for message in turn]
+
+    def root_of(self, rid: str) -> str | None:
+        """The first response of the conversation ``rid`` belongs to (None: not kept)."""
+        entry = self.get(rid)
+        return None if entry is None else entry.root or entry.id
 
     def delete(self, rid: str) -> bool:
         """Forget one response; False if it was not kept."""

@@ -408,6 +408,7 @@ class Connection:
                         priority=chat.priority,
                         on_delta=on_delta,
                         client=self.sender,
+                        session=chat.session,
                     )
                 except Refused as refused:
                     await self.send(error_message(request_id, refused))
