@@ -154,7 +154,7 @@ async def test_success_has_anthropic_shape(mock: MockProcess) -> None:
         "stop_reason": "end_turn",
         "stop_sequence": None,
         # ceil((8 system + 10 user characters) / 4); ceil(47 / 4).
-        "usage": {"input_tokens": 5, "output_tokens": 12},
+        "usage": {"input_tokens": 5, "output_tokens": 12, "cache_read_input_tokens": 0},
     }
     # A key without limits gets no rate-limit headers.
     assert not [h for h in response.headers if h.startswith("anthropic-ratelimit-")]

@@ -69,6 +69,9 @@ class Affinity:
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self._held: OrderedDict[str, Held] = OrderedDict()
+        # Conversations held per (provider, label): a new one goes where fewest are, since
+        # each brings its later turns along.
+        self._load: Counter[tuple[str, str]] = Counter()
         self.outcomes: Counter[tuple[str, str]] = Counter()  # (outcome, reason) -> turns
 
     def __len__(self) -> int:
@@ -82,9 +85,22 @@ class Affinity:
         """Where the conversation ``key`` was last served; None when new or forgotten."""
         held = self._held.get(key)
         if held is not None and now - held.last > self.idle_s:
-            del self._held[key]
+            self._forget(key)
             return None
         return held
+
+    def _forget(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._load[(held.provider, held.label)] -= 1
+
+    def _least_held(self, candidates: Sequence[Candidate]) -> Candidate:
+        """Among the plan's candidates, the one holding the fewest conversations (the
+        plan's order breaks ties)."""
+        return min(
+            candidates,
+            key=lambda c: self._load[(c.credential.provider, c.credential.label)],
+        )
 
     def choose(
         self,
@@ -102,7 +118,10 @@ class Affinity:
         """
         held = self.held(key, now)
         if held is None:
-            return candidates[0], NEW, ""
+            # Held there at once, so conversations starting together spread out.
+            chosen = self._least_held(candidates)
+            self.served(key, chosen, now)
+            return chosen, NEW, ""
         found = sticky(held)
         if found is not None:
             return found, STICKY, ""
@@ -111,17 +130,21 @@ class Affinity:
                 credential = candidate.credential
                 if credential.provider == held.provider and group_of(credential) == held.group:
                     return candidate, GROUP, why_not(held)
-        return candidates[0], MOVED, why_not(held)
+        reason = why_not(held)
+        chosen = self._least_held(candidates)
+        self.served(key, chosen, now)
+        return chosen, MOVED, reason
 
     def served(self, key: str, candidate: Candidate, now: float) -> None:
         """A turn of ``key`` was served by ``candidate``: the conversation is held there."""
         credential = candidate.credential
+        self._forget(key)
         self._held[key] = Held(
             candidate.target.name, credential.provider, credential.label, group_of(credential), now
         )
-        self._held.move_to_end(key)
+        self._load[(credential.provider, credential.label)] += 1
         while len(self._held) > self.max_sessions:
-            self._held.popitem(last=False)
+            self._forget(next(iter(self._held)))
 
     def count(self, outcome: str, reason: str) -> None:
         self.outcomes[(outcome, reason)] += 1
@@ -139,6 +162,8 @@ class Affinity:
     def restore(self, key: str, held: Held) -> None:
         """Take back one conversation from the state file."""
         if self.enabled:
+            self._forget(key)
             self._held[key] = held
+            self._load[(held.provider, held.label)] += 1
             while len(self._held) > self.max_sessions:
-                self._held.popitem(last=False)
+                self._forget(next(iter(self._held)))

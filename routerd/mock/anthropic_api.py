@@ -143,6 +143,11 @@ async def messages(state: MockState, request: Request, reply: Responder) -> None
         return
     said = strip_directives(user_text)[:40]
     answer = _compose(body, key.label, said, directives, prompt_tokens)
+    # Each message costs its share of the estimate; the cached prefix leaves input_tokens.
+    share = prompt_tokens // max(1, len(body.messages))
+    cached = state.cached_tokens(key, [(_encode(m), share) for m in body.messages])
+    answer.usage.cache_read_input_tokens = cached
+    answer.usage.input_tokens = max(0, answer.usage.input_tokens - cached)
     await _play(call, body, model, directives, answer)
 
 

@@ -89,8 +89,8 @@ def openai_usage(usage: object) -> dict[str, int]:
         "total_tokens": prompt + completion,
     }
     # What the prompt cache saved and what it stored, kept for the client.
-    if cached := _count(usage, "cache_read_input_tokens"):
-        counts["cached_tokens"] = cached
+    if "cache_read_input_tokens" in usage:
+        counts["cached_tokens"] = _count(usage, "cache_read_input_tokens")
     if written := _count(usage, "cache_creation_input_tokens"):
         counts["cache_creation_tokens"] = written
     return counts
