@@ -57,6 +57,8 @@ def credential_state(secret: Secret, config: Config, order: int) -> CredentialSt
         tpm=LocalLimit(secret.tpm) if secret.tpm else None,
         quota_park_s=provider.quota_park_s,
         auth_probe_s=provider.auth_probe_s,
+        cache_group=secret.cache_group,
+        long_context=secret.long_context,
     )
 
 

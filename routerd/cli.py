@@ -10,6 +10,8 @@ from pathlib import Path
 
 import msgspec
 
+from routerd import __version__
+
 
 def _socket_from(args: argparse.Namespace) -> str | None:
     if args.socket:
@@ -141,6 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of `routerd`."""
     parser = argparse.ArgumentParser(prog="routerd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"routerd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the daemon in the foreground")

@@ -40,12 +40,15 @@ from routerd.config.load import load_config, read_config_text
 from routerd.config.problems import ConfigError, ConfigProblem
 from routerd.config.schema import Config
 from routerd.config.secrets import Secret, resolve_secrets
+from routerd.core.affinity import Affinity
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fleet import FleetLink, connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
+from routerd.fronts.http.responses_store import StoreFile
+from routerd.fronts.msgpack.accept import listen_unix
 from routerd.fronts.msgpack.server import Connection, serve_clients
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
@@ -105,13 +108,21 @@ class Daemon:
         # The HTTP front (routerd.fronts.http): bound in run(), served beside the msgpack listener.
         self.front: HttpFront | None = None
         self.metrics = Metrics(lambda: self.status(0))
+        # The Responses API's answered turns, kept beside the state file.
+        self._responses_file = StoreFile.beside(self.state_path, config.server)
+        self.responses = self._responses_file.store
         self.http = UpstreamSession(upstream)
         self.actors = {
             (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
         }
         self._pools = pools_of(self.actors)
         self._targets: dict[str, Target] = {}
-        self.dispatcher = Dispatcher(
+        self.dispatcher = self._dispatcher(config, clock)
+        self.fleet = self._fleet(state_password)
+
+    def _dispatcher(self, config: Config, clock: Callable[[], float]) -> Dispatcher:
+        """The dispatcher over the routes, targets and actors built above."""
+        return Dispatcher(
             build_routes(config, self._targets, self._pools),
             self._targets,
             self.actors,
@@ -125,8 +136,8 @@ class Daemon:
             max_adhoc_targets=config.server.max_adhoc_targets,
             adhoc_idle_s=config.server.adhoc_idle_s,
             on_drop=self.metrics.forget,
+            affinity=Affinity(config.server.affinity_sessions, config.server.affinity_idle_s),
         )
-        self.fleet = self._fleet(state_password)
 
     def _fleet(self, password: str | None) -> FleetLink | None:
         """[state] backend = "redis": the link to the other hosts sharing these keys."""
@@ -247,6 +258,7 @@ class Daemon:
             self.dispatcher.rotations,
             self.clock(),
             time.time(),
+            self.dispatcher.affinity,
         )
         log.info("state_restored", path=str(self.state_path), credentials=matched)
 
@@ -259,6 +271,7 @@ class Daemon:
             dict(self.dispatcher.rotations),
             self.clock(),
             time.time(),
+            self.dispatcher.affinity,
         )
 
     def save_state(self) -> None:
@@ -288,6 +301,7 @@ class Daemon:
             self._save_now = anyio.Event()
             if self._dirty:
                 await self.save_state_async()
+            await self._responses_file.save()
 
     # ---- serving ----------------------------------------------------------------------
 
@@ -324,30 +338,16 @@ class Daemon:
         finally:
             self.connections -= 1
 
-    async def _listen(self) -> SocketListener:
-        for name, sock in sdnotify.listen_sockets():
-            if sock.family == socket.AF_UNIX and name in (None, "msgpack", "routerd.socket"):
-                log.info("socket_activated", name=name)
-                return await SocketListener.from_socket(sock)
-        path = self.socket_path
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            if path.exists() or path.is_symlink():
-                if await _socket_in_use(path):
-                    raise RuntimeError(f"another routerd is already listening on {path}")
-                path.unlink()
-            listener = await anyio.create_unix_listener(path, mode=self.config.server.socket_mode)
-        except OSError as exc:
-            # `routerd serve` prints a RuntimeError as one line; a bare OSError names no path.
-            raise RuntimeError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    async def _listen(self, inherited: list[socket.socket]) -> SocketListener:
+        if inherited:
+            return await SocketListener.from_socket(inherited[0])
+        listener = await listen_unix(self.socket_path, self.config.server.socket_mode)
         self._owns_socket = True
         return listener
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
-        self.restore_state()
-        # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
-        self.front = HttpFront.open(
+    def _open_front(self, activated: list[socket.socket]) -> HttpFront | None:
+        """The HTTP front on the configured sockets, or on those systemd passed."""
+        return HttpFront.open(
             self.config.server,
             self.dispatcher,
             metrics=self.metrics,
@@ -355,7 +355,19 @@ class Daemon:
             peers=self.peers,
             budget=self.buffer_budget,
             max_connections=self.max_connections,
+            responses=self.responses,
+            activated=activated,
         )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until SIGTERM/SIGINT (or until cancelled), then drain and save."""
+        self.restore_state()
+        self._responses_file.restore()
+        msgpack_socket, http_sockets = sdnotify.front_sockets()
+        if msgpack_socket or http_sockets:
+            log.info("socket_activated", msgpack=len(msgpack_socket), http=len(http_sockets))
+        # Bound before the task group, so a bad HTTP set-up fails as one RuntimeError.
+        self.front = self._open_front(http_sockets)
         async with self.http, anyio.create_task_group() as root:
             self._root = root
             for actor in self.actors.values():
@@ -369,7 +381,7 @@ class Daemon:
             interval = sdnotify.watchdog_interval()
             if interval is not None:
                 root.start_soon(sdnotify.watchdog_loop, interval)
-            listener = await self._listen()
+            listener = await self._listen(msgpack_socket)
             stop_signals = (signal.SIGTERM, signal.SIGINT)
             with anyio.open_signal_receiver(*stop_signals, signal.SIGHUP) as signals:
                 async with anyio.create_task_group() as connections:
@@ -399,6 +411,7 @@ class Daemon:
                     connections.cancel_scope.cancel()
             with anyio.move_on_after(5, shield=True):
                 await self.save_state_async()
+                await self._responses_file.save(force=True)
             root.cancel_scope.cancel()
         log.info("stopped")
 
@@ -417,15 +430,6 @@ class Daemon:
         if self.front is not None:
             # The HTTP front kept answering 503 during the drain; now it closes.
             await self.front.stop()
-
-
-async def _socket_in_use(path: Path) -> bool:
-    try:
-        stream = await anyio.connect_unix(path)
-    except OSError:
-        return False
-    await stream.aclose()
-    return True
 
 
 async def _run_actor(

@@ -63,6 +63,14 @@ deadline_s = 60
 """
 
 
+# What the clients' "silent key switches" count, said once after their lines.
+SWITCH_NOTE = (
+    "  (a silent key switch: routerd's first key for a request failed (429, 402, 401 or a\n"
+    "  fault) and routerd retried it on another key or target itself; the client got its\n"
+    "  reply and never saw the failure)"
+)
+
+
 def _print(line: str = "") -> None:
     print(line, flush=True)
 
@@ -127,6 +135,7 @@ def _run_demo(requests: int, clients: int, keep: bool) -> int:
                 _print("  " + out.strip().replace("\n", "\n  "))
                 failed += proc.returncode != 0
             _print(f"routerd demo: all clients done in {time.monotonic() - started:.1f} s")
+            _print(SWITCH_NOTE)
             _print()
             _show_upstream_calls(mock.stats()["calls"])
             _print()

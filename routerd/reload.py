@@ -38,6 +38,11 @@ RESTART_KEYS = (
     "http_keepalive_s",
     "buffer_budget",
     "mailbox_size",
+    "responses_max",
+    "responses_max_bytes",
+    "responses_ttl_s",
+    "affinity_sessions",
+    "affinity_idle_s",
 )
 
 
@@ -84,6 +89,8 @@ def _retune(actor: CredentialActor, secret: Secret, config: Config, order: int) 
     state.max_concurrent = secret.max_concurrent
     state.quota_park_s = provider.quota_park_s
     state.auth_probe_s = provider.auth_probe_s
+    state.cache_group = secret.cache_group
+    state.long_context = secret.long_context
     state.rpm = _limit(state.rpm, secret.rpm)
     state.tpm = _limit(state.tpm, secret.tpm)
 

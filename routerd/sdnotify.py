@@ -158,3 +158,23 @@ def listen_sockets() -> list[tuple[str | None, socket.socket]]:
                 sock.close()
         raise
     return sockets
+
+
+# The msgpack socket's names: ours, none, or the unit's own when FileDescriptorName is unset.
+_MSGPACK_NAMES = (None, "msgpack", "routerd.socket")
+
+
+def front_sockets() -> tuple[list[socket.socket], list[socket.socket]]:
+    """The passed sockets by front: the msgpack socket (named "msgpack", or the first
+    unnamed Unix socket) and the HTTP front's (named "http", Unix or TCP). Any other
+    passed socket is closed, so it holds nothing open."""
+    msgpack: list[socket.socket] = []
+    http: list[socket.socket] = []
+    for name, sock in listen_sockets():
+        if name == "http":
+            http.append(sock)
+        elif not msgpack and sock.family == socket.AF_UNIX and name in _MSGPACK_NAMES:
+            msgpack.append(sock)
+        else:
+            sock.close()
+    return msgpack, http

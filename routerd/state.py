@@ -22,6 +22,7 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 import structlog
 
+from routerd.core.affinity import Affinity, Held
 from routerd.core.breaker import Breaker, BreakerState
 from routerd.core.credential import CredentialState, Health, LearnedWindow
 
@@ -75,6 +76,17 @@ class BreakerRecord(msgspec.Struct, frozen=True):
     proven: bool = False
 
 
+class SessionRecord(msgspec.Struct, frozen=True):
+    """A conversation held on a credential (its key is a hash, never the client's string)."""
+
+    session: str
+    target: str
+    provider: str
+    label: str
+    group: str | None
+    last_at: WallTime
+
+
 class StateFile(msgspec.Struct, frozen=True):
     """The whole file."""
 
@@ -83,6 +95,7 @@ class StateFile(msgspec.Struct, frozen=True):
     credentials: list[CredentialRecord]
     breakers: list[BreakerRecord]
     rotations: dict[str, int]
+    sessions: list[SessionRecord] = msgspec.field(default_factory=list)
 
 
 class _Envelope(msgspec.Struct):
@@ -93,12 +106,13 @@ class _Envelope(msgspec.Struct):
     credentials: Any = msgspec.field(default_factory=list)
     breakers: Any = msgspec.field(default_factory=list)
     rotations: Any = msgspec.field(default_factory=dict)
+    sessions: Any = msgspec.field(default_factory=list)
 
 
 _envelope_decoder = msgspec.msgpack.Decoder(_Envelope)
 _encoder = msgspec.msgpack.Encoder()
 
-_Record = TypeVar("_Record", CredentialRecord, BreakerRecord)
+_Record = TypeVar("_Record", CredentialRecord, BreakerRecord, SessionRecord)
 
 
 def _to_wall(mono: float, now_mono: float, now_wall: float) -> float:
@@ -121,6 +135,7 @@ def snapshot(
     rotations: dict[str, int],
     now_mono: float,
     now_wall: float,
+    affinity: Affinity | None = None,
 ) -> StateFile:
     """Capture the state that should outlive this process.
 
@@ -161,6 +176,12 @@ def snapshot(
             for b in breakers
         ],
         rotations=dict(rotations),
+        sessions=[
+            SessionRecord(
+                key, h.target, h.provider, h.label, h.group, _to_wall(h.last, now_mono, now_wall)
+            )
+            for key, h in (affinity.entries() if affinity is not None else ())
+        ],
     )
 
 
@@ -171,6 +192,7 @@ def restore(
     rotations: dict[str, int],
     now_mono: float,
     now_wall: float,
+    affinity: Affinity | None = None,
 ) -> int:
     """Apply a saved state to freshly built objects; returns how many credentials matched."""
     records = {(r.provider, r.label, r.fingerprint): r for r in saved.credentials}
@@ -209,6 +231,11 @@ def restore(
         breaker.consecutive_failures = saved_breaker.consecutive_failures
         breaker.proven = saved_breaker.proven
     rotations.update(saved.rotations)
+    if affinity is not None:
+        for kept in saved.sessions:
+            last = _to_mono(kept.last_at, now_mono, now_wall)
+            held = Held(kept.target, kept.provider, kept.label, kept.group, last)
+            affinity.restore(kept.session, held)
     return matched
 
 
@@ -292,6 +319,7 @@ def _decode(data: bytes, name: str) -> StateFile:
         credentials=_records(envelope.credentials, CredentialRecord, "credential"),
         breakers=_records(envelope.breakers, BreakerRecord, "breaker"),
         rotations=_rotations(envelope.rotations),
+        sessions=_records(envelope.sessions, SessionRecord, "session"),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from routerd_client.protocol import (
+    AffinityStatus,
     CredentialStatus,
     LaneStatus,
     RouteStatus,
@@ -22,7 +23,7 @@ def _left(until: float, now: float) -> float | None:
     return round(until - now, 3) if until > now else None
 
 
-def credential_status(actor: CredentialActor, now: float) -> CredentialStatus:
+def credential_status(actor: CredentialActor, now: float, sessions: int = 0) -> CredentialStatus:
     """One credential's row: label and fingerprint, never the key."""
     state = actor.state
     health = state.current_health(now)
@@ -56,6 +57,7 @@ def credential_status(actor: CredentialActor, now: float) -> CredentialStatus:
         latency_ms=None if state.latency_ms is None else round(state.latency_ms, 2),
         mailbox=actor.mailbox_depth,
         lanes=lanes,
+        sessions=sessions,
     )
 
 
@@ -90,16 +92,25 @@ def build_report(
         RouteStatus(name=r.name, chain=[t.name for t in r.chain], waiting=len(r.queue))
         for r in dispatcher.routes.values()
     ]
+    held = dispatcher.affinity.per_credential(now)
+    credentials = [
+        credential_status(actor, now, held.get(key, 0)) for key, actor in dispatcher.actors.items()
+    ]
+    turns = {
+        f"{outcome}:{reason}" if reason else outcome: count
+        for (outcome, reason), count in sorted(dispatcher.affinity.outcomes.items())
+    }
     return StatusReport(
         id=request_id,
         version=version,
         uptime_s=round(uptime_s, 1),
         connections=connections,
         in_flight=dispatcher.in_flight,
-        credentials=[credential_status(a, now) for a in dispatcher.actors.values()],
+        credentials=credentials,
         targets=targets,
         routes=routes,
         shared_state=None if shared is None else shared_status(shared),
+        affinity=AffinityStatus(sessions=sum(held.values()), turns=turns),
     )
 
 
@@ -169,6 +180,9 @@ def render(report: StatusReport) -> str:
         ["ROUTE", "WAITING", "CHAIN"],
         ([r.name, str(r.waiting), " > ".join(r.chain)] for r in report.routes),
     )
+    if report.affinity.sessions or report.affinity.turns:
+        turns = ", ".join(f"{name} {count}" for name, count in report.affinity.turns.items())
+        lines += ["", f"conversations held: {report.affinity.sessions}; turns: {turns or '-'}"]
     return "\n".join(lines)
 
 
@@ -187,6 +201,7 @@ def _credential_table(credentials: Iterable[CredentialStatus]) -> list[str]:
             "OK",
             "FAILED",
             "LATENCY",
+            "SESSIONS",
             "REASON",
         ],
         (
@@ -202,6 +217,7 @@ def _credential_table(credentials: Iterable[CredentialStatus]) -> list[str]:
                 str(c.successes),
                 str(c.failures),
                 _fmt(c.latency_ms, "ms"),
+                str(c.sessions),
                 c.reason or "",
             ]
             for c in credentials

@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+import structlog.testing
 
 from routerd.config.secrets import Secret
 from routerd.core.breaker import Breaker
@@ -410,3 +411,23 @@ async def test_a_name_with_no_provider_is_an_unknown_route_and_takes_no_place() 
             assert caught.value.kind == "unknown_route"
         assert (await a.dispatcher.chat("anthropic/ok", request(SHORT))).target == "anthropic/ok"
         assert a.dropped == []
+
+
+async def test_a_failed_request_and_its_breaker_are_logged_at_warning() -> None:
+    def down(call: Call, label: str) -> Failure:
+        return Failure(FailureClass.TARGET_DOWN, "upstream 503", 503)
+
+    async with running(down) as (dispatcher, _):
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(3):
+                with pytest.raises(Refused):
+                    await dispatcher.chat("r", request(SHORT))
+    requests = [e for e in logs if e["event"] == "request"]
+    assert requests and all(e["log_level"] == "warning" for e in requests)
+    breakers = [e for e in logs if str(e["event"]).startswith("breaker_")]
+    assert breakers and all(e["log_level"] == "warning" for e in breakers)
+
+    async with running(lambda call, label: None) as (dispatcher, _):
+        with structlog.testing.capture_logs() as logs:
+            await dispatcher.chat("r", request(SHORT))
+    assert [e["log_level"] for e in logs if e["event"] == "request"] == ["info"]

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 from routerd_client import AsyncClient, Client, RouterdError, TargetDown
 
+from routerd import __version__
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
 from tests.conftest import DaemonFactory, canary
 
@@ -106,6 +107,12 @@ chain = ["a/dead", "b/alive"]
     assert data["in_flight"] == 0 and data["connections"] == 1
 
     assert_no_key(table.stdout + table.stderr + as_json.stdout + as_json.stderr, [key_a, key_b])
+
+
+def test_version_is_printed() -> None:
+    result = routerd("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"routerd {__version__}"
 
 
 def test_status_without_a_daemon_says_where_it_looked(short_dir: Path) -> None:

@@ -305,6 +305,7 @@ class JsonDispatcher:
         priority: int = 0,
         on_delta: Any = None,
         client: str = "",
+        session: str | None = None,
     ) -> Reply:
         assert client.startswith(("pid:", "conn:")), client
         body = json.dumps(request, allow_nan=False)  # what an upstream adapter would send
@@ -312,6 +313,9 @@ class JsonDispatcher:
             await on_delta(Delta(text="chunk"))
         usage = dict(request.get("usage_for_test", {}))
         return Reply(body[:20], "m", "p", "c", "p/m", usage, [], "stop", None)
+
+    def refused(self, kind: str) -> None:
+        """A request refused before routing (counted by the real dispatcher)."""
 
 
 def status_report(request_id: int) -> StatusReport:

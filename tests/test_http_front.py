@@ -166,7 +166,10 @@ def test_tcp_needs_the_token_and_takes_it_either_way(front: Front) -> None:
         assert wrong.status_code == 401
         assert wrong.json()["type"] == "error"
         assert wrong.json()["error"]["type"] == "authentication_error"
-        assert http.get("/healthz").status_code == 401
+        # A liveness probe needs no secret; /metrics (traffic, credential labels) does.
+        health = http.get("/healthz")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+        assert http.get("/metrics").status_code == 401
         assert http.get("/metrics", headers={"authorization": "Bearer nope"}).status_code == 401
 
         bearer = http.post(
@@ -181,6 +184,22 @@ def test_tcp_needs_the_token_and_takes_it_either_way(front: Front) -> None:
     # The refused requests never reached the provider.
     assert sum(front.calls("main", "m1").values()) == 2
     assert front.token not in front.process.log_text()
+
+
+def test_requests_refused_before_routing_are_counted(front: Front) -> None:
+    def refused(http: httpx.Client) -> dict[str, float]:
+        samples = metric_samples(http.get("/metrics").text, "routerd_requests_total")
+        return {dict(k)["outcome"]: v for k, v in samples.items() if dict(k)["route"] == ""}
+
+    with front.http() as http:
+        before = refused(http)
+        unknown = http.post("/v1/chat/completions", json={"model": "nope", "messages": user("x")})
+        malformed = http.post("/v1/messages", content=b"{not json")
+        empty = http.post("/v1/responses", json={"model": "main"})
+        after = refused(http)
+    assert (unknown.status_code, malformed.status_code, empty.status_code) == (404, 400, 400)
+    assert after.get("unknown_route", 0) - before.get("unknown_route", 0) == 1
+    assert after.get("bad_request", 0) - before.get("bad_request", 0) == 2
 
 
 def test_unix_socket_needs_no_token_but_accepts_one(front: Front) -> None:

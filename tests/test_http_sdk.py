@@ -226,6 +226,8 @@ def test_openai_stream_sends_role_deltas_finish_and_usage(front: Front) -> None:
             )
         )
     assert chunks[0].choices[0].delta.role == "assistant"
+    # Every chunk names the serving model, as the unstreamed reply does, not the route.
+    assert {c.model for c in chunks} == {"m1"}
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "mock reply from m1 via main: stream me"
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 1
@@ -356,6 +358,8 @@ def test_anthropic_stream_text(front: Front) -> None:
         final = stream.get_final_message()
     assert len(pieces) > 1
     assert "".join(pieces) == "mock reply from m1 via main: stream me"
+    # message_start names the serving model, as the unstreamed reply does, not the route.
+    assert final.model == "m1"
     assert final.stop_reason == "end_turn"
     assert final.usage.output_tokens > 0
 

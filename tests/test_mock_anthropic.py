@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
-from routerd.mock.anthropic_api import format_rfc3339
+from routerd.mock.anthropic_headers import format_rfc3339
 
 GOOD = "sk-ant-good-00000000001"
 LIMITED = "sk-ant-limited-00000002"
@@ -154,7 +154,7 @@ async def test_success_has_anthropic_shape(mock: MockProcess) -> None:
         "stop_reason": "end_turn",
         "stop_sequence": None,
         # ceil((8 system + 10 user characters) / 4); ceil(47 / 4).
-        "usage": {"input_tokens": 5, "output_tokens": 12},
+        "usage": {"input_tokens": 5, "output_tokens": 12, "cache_read_input_tokens": 0},
     }
     # A key without limits gets no rate-limit headers.
     assert not [h for h in response.headers if h.startswith("anthropic-ratelimit-")]

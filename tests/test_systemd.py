@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -388,6 +389,14 @@ def test_socket_is_usable_by_group_routerd_only() -> None:
     assert sock["Install"]["WantedBy"] == ["sockets.target"]
 
 
+def test_the_http_sockets_are_named_http_and_serve_the_same_service() -> None:
+    sock = _unit_keys(UNITS / "routerd-http.socket")
+    assert sock["Socket"]["ListenStream"] == ["/run/routerd/http.sock", "127.0.0.1:8484"]
+    assert sock["Socket"]["FileDescriptorName"] == ["http"]
+    assert sock["Socket"]["SocketMode"] == ["0660"]
+    assert sock["Socket"]["Service"] == ["routerd.service"]
+
+
 # MemoryDenyWriteExecute=true, applied to this process by the kernel's PR_SET_MDWE (Linux
 # >= 6.3) instead of systemd's seccomp filter; then the daemon's C extensions are loaded
 # and exercised. A library that needs writable+executable memory (a JIT, libffi closures
@@ -435,6 +444,7 @@ def test_runtime_works_under_memory_deny_write_execute() -> None:
 def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
     analyze = _require("systemd-analyze")
     shutil.copy(UNITS / "routerd.socket", tmp_path)
+    shutil.copy(UNITS / "routerd-http.socket", tmp_path)
     text = (UNITS / "routerd.service").read_text()
     # verify checks that ExecStart's binary exists; the real one is installed later.
     assert "ExecStart=/usr/local/bin/routerd " in text
@@ -447,6 +457,7 @@ def test_systemd_analyze_verify_is_clean(tmp_path: Path) -> None:
             "verify",
             "--man=no",
             str(tmp_path / "routerd.socket"),
+            str(tmp_path / "routerd-http.socket"),
             str(tmp_path / "routerd.service"),
         ],
         capture_output=True,
@@ -519,3 +530,102 @@ def test_tmpfiles_gives_the_runtime_directory_to_routerd(tmp_path: Path) -> None
     uid = next(int(line.split(":")[2]) for line in passwd if line.startswith("routerd:"))
     run_dir = (tmp_path / "run/routerd").stat()
     assert (run_dir.st_uid, oct(run_dir.st_mode & 0o777)) == (uid, "0o750")
+
+
+# The real daemon, handed its three sockets the way systemd hands them: the msgpack socket
+# and the HTTP front's Unix and TCP sockets (routerd.socket and routerd-http.socket).
+SERVE = "import sys; from routerd.cli import main; sys.argv[1:] = {argv!r}; sys.exit(main())"
+
+
+def test_the_daemon_serves_both_fronts_on_sockets_systemd_passed(short_tmp: Path) -> None:
+    import httpx
+    from routerd_client import Client
+
+    from routerd.mock import KeySpec, MockSpec, ModelSpec, start_mock_process
+
+    key, token = f"sk-act-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
+    msgpack_path, http_path = short_tmp / "routerd.sock", short_tmp / "http.sock"
+    spec = MockSpec(keys={key: KeySpec("main")}, models={"m1": ModelSpec()})
+    with start_mock_process(spec) as mock:
+        config = short_tmp / "routerd.toml"
+        config.write_text(
+            f"""
+[server]
+socket = "{short_tmp / "not-this.sock"}"
+state_file = "{short_tmp / "state.msgpack"}"
+
+[providers.mock]
+kind = "openai-compatible"
+base_url = "{mock.base_url}"
+credentials = [{{ label = "main", key_env = "ACT_KEY" }}]
+
+[routes.main]
+chain = ["mock/m1"]
+"""
+        )
+        with (
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as msgpack_sock,
+            socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as http_sock,
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp_sock,
+        ):
+            msgpack_sock.bind(str(msgpack_path))
+            http_sock.bind(str(http_path))
+            tcp_sock.bind(("127.0.0.1", 0))
+            port = tcp_sock.getsockname()[1]
+            for sock in (msgpack_sock, http_sock, tcp_sock):
+                sock.listen()
+            fds = [msgpack_sock.fileno(), http_sock.fileno(), tcp_sock.fileno()]
+            serve = SERVE.format(argv=["serve", "--config", str(config)])
+            env = {**_child_env(), "ACT_KEY": key, "ROUTERD_HTTP_TOKEN": token}
+            env.pop("NOTIFY_SOCKET", None)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    LAUNCHER,
+                    "msgpack:http:http",
+                    ",".join(map(str, fds)),
+                    serve,
+                ],
+                pass_fds=fds,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        try:
+            transport = httpx.HTTPTransport(uds=str(http_path))
+            with httpx.Client(transport=transport, base_url="http://routerd", timeout=10) as http:
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        if http.get("/healthz").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        proc.kill()
+                        pytest.fail(f"the daemon never served: {proc.communicate()[1]}")
+                    time.sleep(0.05)
+                messages: list[dict[str, Any]] = [{"role": "user", "content": "hi"}]
+                chat = {"model": "main", "messages": messages}
+                over_unix = http.post("/v1/chat/completions", json=chat)
+            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as tcp:
+                refused = tcp.post("/v1/chat/completions", json=chat)
+                served = tcp.post(
+                    "/v1/chat/completions", json=chat, headers={"authorization": f"Bearer {token}"}
+                )
+            with Client(str(msgpack_path)) as client:
+                result = client.chat("main", messages=messages)
+        finally:
+            proc.terminate()
+            _, err = proc.communicate(timeout=30)
+    assert over_unix.status_code == 200, over_unix.text
+    assert over_unix.json()["choices"][0]["message"]["content"] == "mock reply from m1 via main: hi"
+    assert (refused.status_code, served.status_code) == (401, 200)
+    assert result.text == "mock reply from m1 via main: hi"
+    assert proc.returncode == 0, err
+    # The configured socket was never made; systemd's sockets are left for systemd to remove.
+    assert not (short_tmp / "not-this.sock").exists()
+    assert msgpack_path.exists() and http_path.exists()
+    assert key not in err and token not in err

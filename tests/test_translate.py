@@ -416,8 +416,15 @@ def test_a_reply_becomes_text_tool_calls_finish_reason_usage_and_model() -> None
         },
     ]
     assert finish == "tool_calls"
-    # Cached and cache-writing tokens are still prompt tokens the client sent.
-    assert usage == {"prompt_tokens": 2112, "completion_tokens": 40, "total_tokens": 2152}
+    # Cached and cache-writing tokens are still prompt tokens the client sent; what the cache
+    # read and wrote is kept beside them for the client.
+    assert usage == {
+        "prompt_tokens": 2112,
+        "completion_tokens": 40,
+        "total_tokens": 2152,
+        "cached_tokens": 2000,
+        "cache_creation_tokens": 100,
+    }
     assert model == "claude-sonnet-4-5-20250929"
 
 
@@ -617,6 +624,7 @@ def test_stream_tool_calls_are_numbered_among_tool_calls_only() -> None:
         "prompt_tokens": 1849,
         "completion_tokens": 60,
         "total_tokens": 1909,
+        "cached_tokens": 1000,
     }
 
 

@@ -158,7 +158,12 @@ async def test_complete_sends_a_messages_request_and_answers_in_openai_shape() -
         }
     ]
     assert result.finish_reason == "tool_calls"
-    assert result.usage == {"prompt_tokens": 125, "completion_tokens": 31, "total_tokens": 156}
+    assert result.usage == {
+        "prompt_tokens": 125,
+        "completion_tokens": 31,
+        "total_tokens": 156,
+        "cached_tokens": 100,
+    }
     assert result.model == "claude-sonnet-4-5-20250929"
     assert result.limits.input_tokens is not None
     assert result.limits.input_tokens.remaining == 29000

@@ -134,7 +134,13 @@ async def test_complete_sends_the_target_model_and_key_and_reads_the_reply() -> 
     assert result.text == "Hello there"
     assert result.finish_reason == "stop"
     assert result.model == "gpt-4.1-mini-2025-04-14"
-    assert result.usage == {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    # The cached prompt tokens are kept out of the nested breakdown, the rest of it dropped.
+    assert result.usage == {
+        "prompt_tokens": 9,
+        "completion_tokens": 2,
+        "total_tokens": 11,
+        "cached_tokens": 0,
+    }
     assert result.tool_calls is None
     assert result.limits.tokens is not None and result.limits.tokens.remaining == 29000
     assert result.limits.requests is not None and result.limits.requests.reset_s == pytest.approx(

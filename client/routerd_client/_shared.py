@@ -41,6 +41,7 @@ def chat_message(
     priority: int,
     params: dict[str, Any],
     stream: bool,
+    session: str | None = None,
 ) -> Chat:
     """Build the Chat message for one request; ``params`` are OpenAI chat parameters."""
     request = params if messages is None else {"messages": messages, **params}
@@ -51,6 +52,7 @@ def chat_message(
         stream=stream,
         deadline=deadline,
         priority=priority,
+        session=session,
     )
 
 

@@ -385,16 +385,18 @@ class AsyncClient:
         *,
         deadline: float | None = None,
         priority: int = 0,
+        session: str | None = None,
         **params: Any,
     ) -> Result:
         """Send one chat request on ``route`` and wait for its Result.
 
         ``params`` are OpenAI chat parameters (max_tokens, temperature, tools, stop, ...).
         ``deadline`` is seconds from now (None: the route's); a higher ``priority`` is served
-        first when requests wait for capacity. Failures raise a RouterdError subclass.
+        first when requests wait for capacity; ``session`` keeps a conversation on the key
+        whose prompt cache holds it. Failures raise a RouterdError subclass.
         """
         rid = next(self._ids)
-        message = chat_message(rid, route, messages, deadline, priority, params, False)
+        message = chat_message(rid, route, messages, deadline, priority, params, False, session)
         return expect(await self._request(rid, encode_request(message)), Result, "result")
 
     def stream(
@@ -404,11 +406,12 @@ class AsyncClient:
         *,
         deadline: float | None = None,
         priority: int = 0,
+        session: str | None = None,
         **params: Any,
     ) -> AsyncChatStream:
         """A streamed chat request; ``async for`` over it yields Chunks (see AsyncChatStream)."""
         rid = next(self._ids)
-        message = chat_message(rid, route, messages, deadline, priority, params, True)
+        message = chat_message(rid, route, messages, deadline, priority, params, True, session)
         return AsyncChatStream(self, rid, encode_request(message))
 
     async def status(self) -> StatusReport:

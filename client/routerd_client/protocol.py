@@ -43,7 +43,8 @@ class Chat(msgspec.Struct, tag="chat", tag_field="type", omit_defaults=True):
     """One chat request on a route; ``request`` is in OpenAI chat-completions shape.
 
     ``deadline`` is seconds from now; None means the route's ``deadline_s``.
-    Higher ``priority`` is served first when requests wait for capacity.
+    Higher ``priority`` is served first when requests wait for capacity. ``session`` names
+    the conversation: its turns stay on the credential whose prompt cache holds it.
     """
 
     id: int
@@ -52,6 +53,7 @@ class Chat(msgspec.Struct, tag="chat", tag_field="type", omit_defaults=True):
     stream: bool = False
     deadline: float | None = None
     priority: int = 0
+    session: str | None = None
 
 
 class Cancel(msgspec.Struct, tag="cancel", tag_field="type"):
@@ -159,6 +161,8 @@ class CredentialStatus(msgspec.Struct, omit_defaults=True):
     latency_ms: float | None = None
     mailbox: int = 0
     lanes: list[LaneStatus] = msgspec.field(default_factory=list)
+    # Conversations whose last turn this credential served (their prompt cache is there).
+    sessions: int = 0
 
 
 class TargetStatus(msgspec.Struct, omit_defaults=True):
@@ -191,6 +195,14 @@ class SharedStateStatus(msgspec.Struct, omit_defaults=True):
     lag_ms: float | None = None
 
 
+class AffinityStatus(msgspec.Struct, omit_defaults=True):
+    """Conversations kept on their credentials: how many, and where their turns went
+    ("sticky", "group", "new", or "moved:<why>", e.g. "moved:cooling")."""
+
+    sessions: int = 0
+    turns: dict[str, int] = msgspec.field(default_factory=dict)
+
+
 class StatusReport(msgspec.Struct, tag="status_report", tag_field="type", omit_defaults=True):
     """The same data as ``routerd status --json``."""
 
@@ -204,6 +216,7 @@ class StatusReport(msgspec.Struct, tag="status_report", tag_field="type", omit_d
     routes: list[RouteStatus]
     # Absent when the state file alone holds the state ([state] backend = "file").
     shared_state: SharedStateStatus | None = None
+    affinity: AffinityStatus = msgspec.field(default_factory=AffinityStatus)
 
 
 class Reloaded(msgspec.Struct, tag="reloaded", tag_field="type"):

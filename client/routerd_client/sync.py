@@ -349,17 +349,19 @@ class Client:
         *,
         deadline: float | None = None,
         priority: int = 0,
+        session: str | None = None,
         **params: Any,
     ) -> Result:
         """Send one chat request on ``route`` and wait for its Result.
 
         ``params`` are OpenAI chat parameters (max_tokens, temperature, tools, stop, ...).
         ``deadline`` is seconds from now (None: the route's); a higher ``priority`` is served
-        first when requests wait for capacity. Failures raise a RouterdError subclass.
+        first when requests wait for capacity; ``session`` keeps a conversation on the key
+        whose prompt cache holds it. Failures raise a RouterdError subclass.
         """
         rid = next(self._ids)
         frame = encode_request(
-            chat_message(rid, route, messages, deadline, priority, params, False)
+            chat_message(rid, route, messages, deadline, priority, params, False, session)
         )
         return expect(self._request(rid, frame), Result, "result")
 
@@ -370,11 +372,14 @@ class Client:
         *,
         deadline: float | None = None,
         priority: int = 0,
+        session: str | None = None,
         **params: Any,
     ) -> ChatStream:
         """Send one streamed chat request; iterate the returned ChatStream for its Chunks."""
         rid = next(self._ids)
-        frame = encode_request(chat_message(rid, route, messages, deadline, priority, params, True))
+        frame = encode_request(
+            chat_message(rid, route, messages, deadline, priority, params, True, session)
+        )
         stream = ChatStream(self._connection(), rid, self.timeout)
         stream._send(frame)
         return stream

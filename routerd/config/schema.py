@@ -24,6 +24,10 @@ class CredentialConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    # Keys of one organisation (one prompt cache): conversations may move among them.
+    cache_group: str | None = None
+    # False: this key has no long-context tier; long requests never try it.
+    long_context: bool = True
 
 
 class ProviderConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -104,6 +108,15 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # once, and how long an unused one is kept.
     max_adhoc_targets: int = 256
     adhoc_idle_s: float = 600.0
+    # The Responses API's answered turns, kept for previous_response_id and GET: how many,
+    # how many bytes in all, and for how long (0 responses: nothing is kept).
+    responses_max: int = 10_000
+    responses_max_bytes: int = 64 * 1024 * 1024
+    responses_ttl_s: float = 7 * 86400.0
+    # Conversation affinity: how many conversations are kept on their credentials, and how
+    # long one is held without a turn (0 conversations: no affinity).
+    affinity_sessions: int = 10_000
+    affinity_idle_s: float = 3600.0
 
 
 class StateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -43,6 +43,8 @@ class Secret:
     rpm: int | None = None
     tpm: int | None = None
     max_concurrent: int | None = None
+    cache_group: str | None = None
+    long_context: bool = True
 
     def __repr__(self) -> str:
         return (
@@ -138,7 +140,15 @@ def _resolve_provider(
             problems.add(where, message)
             continue
         secret = Secret(
-            name, cred.label, key, fingerprint(key), cred.rpm, cred.tpm, cred.max_concurrent
+            name,
+            cred.label,
+            key,
+            fingerprint(key),
+            cred.rpm,
+            cred.tpm,
+            cred.max_concurrent,
+            cred.cache_group,
+            cred.long_context,
         )
         found.append((path, secret))
     if provider.pool_env is not None:

@@ -232,8 +232,17 @@ def _check_server(problems: ProblemList, server: ServerConfig) -> None:
     for field in ("max_connections", "max_adhoc_targets"):
         if getattr(server, field) < 1:
             problems.add((*here, field), f"must be 1 or more, got {getattr(server, field)}")
-    for field in ("read_timeout_s", "http_keepalive_s", "adhoc_idle_s"):
+    for field in (
+        "read_timeout_s",
+        "http_keepalive_s",
+        "adhoc_idle_s",
+        "responses_ttl_s",
+        "affinity_idle_s",
+    ):
         _positive(problems, (*here, field), getattr(server, field))
+    for field in ("responses_max", "responses_max_bytes", "affinity_sessions"):
+        if getattr(server, field) < 0:
+            problems.add((*here, field), f"must be 0 or more, got {getattr(server, field)}")
     if server.buffer_budget < server.max_frame:
         problems.add(
             (*here, "buffer_budget"),

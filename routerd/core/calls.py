@@ -51,6 +51,8 @@ class Delta:
     text: str = ""
     tool_calls: list[dict[str, Any]] | None = None
     finish_reason: str | None = None
+    # The model serving the stream, as its upstream names it (set by the dispatcher).
+    model: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -113,6 +113,10 @@ class CredentialState:
     tpm: LocalLimit | None = None
     quota_park_s: float = 3600.0
     auth_probe_s: float = 3600.0
+    # Keys of one organisation share its prompt cache: a conversation may move among them.
+    cache_group: str | None = None
+    # False: the key never has long context (no tier for it), so it is never tried for it.
+    long_context: bool = True
 
     health: Health = Health.READY
     until: float = 0.0
@@ -366,7 +370,7 @@ class CredentialState:
 
     def long_lane_open(self, now: float) -> bool:
         """Whether long-context requests may use this credential now."""
-        return now >= self.long_lane_until
+        return self.long_context and now >= self.long_lane_until
 
 
 def _backoff(level: int, rng: random.Random) -> float:

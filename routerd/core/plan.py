@@ -223,6 +223,49 @@ def plan(
     return result
 
 
+def held_pair(
+    chain: Sequence[Target],
+    target_name: str,
+    provider: str,
+    label: str,
+    tokens: int,
+    now: float,
+    *,
+    prompt_tokens: int | None = None,
+    exclusions: Exclusions | None = None,
+) -> tuple[Candidate | None, str]:
+    """One (target, credential) pair of ``chain`` checked as the plan checks it: the
+    Candidate when it can take a request of ``tokens`` now, else None and why not
+    (a conversation's affinity asks this of the pair that served its last turn)."""
+    exclusions = exclusions or Exclusions()
+    target = next((t for t in chain if t.name == target_name), None)
+    if target is None or target.provider != provider:
+        return None, "gone"
+    credential = next((c for c in target.pool if c.label == label), None)
+    if credential is None:
+        return None, "gone"
+    need = tokens
+    if prompt_tokens is not None and target.token_scale != 1.0:
+        need = tokens + round(prompt_tokens * (target.token_scale - 1.0))
+    fits, long = target.window_for(need)
+    if target.name in exclusions.long_only:
+        fits = long = target.long_context_window is not None
+    if not fits:
+        return None, "too_long"
+    if exclusions.excludes(target.name) or (provider, label) in exclusions.credentials:
+        return None, "failed"
+    if not target.breaker.admits(now):
+        return None, "target_down"
+    health = credential.current_health(now)
+    if health is not Health.READY:
+        return None, health.value
+    if long and not credential.long_lane_open(now):
+        return None, "long_context_limited"
+    if credential.free_at(now, need, long=long) > now:
+        return None, "no_headroom"
+    return Candidate(target, credential, long), ""
+
+
 def _first(
     chain: Sequence[Target],
     tokens: int,

@@ -6,11 +6,12 @@ settings; the dispatcher awaits the call between them.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from routerd.core import routing as core
-from routerd.core.calls import Attempt, Call, Completion, Reply
+from routerd.core.calls import Attempt, Call, Completion, Delta, Reply
 from routerd.core.errors import Refused
 from routerd.core.outcome import Failure, FailureClass
 from routerd.core.plan import Candidate
@@ -110,3 +111,29 @@ def record(
         finish_reason=result.finish_reason,
         tool_calls=result.tool_calls,
     )
+
+
+async def streamed(
+    adapter: Adapter, call: Call, deliver: Callable[[Delta], Awaitable[None]]
+) -> Completion:
+    """Relay a streamed call's deltas to ``deliver`` and return it as one Completion."""
+    parts: list[str] = []
+    tool_calls: list[dict[str, Any]] = []
+    async with adapter.stream(call) as upstream:
+        async for delta in upstream:
+            if delta.text:
+                parts.append(delta.text)
+            if delta.tool_calls:
+                merge_tool_calls(tool_calls, delta.tool_calls)
+            if delta.model != upstream.model:
+                # Every piece names the model serving it, as the finished reply will.
+                delta = Delta(delta.text, delta.tool_calls, delta.finish_reason, upstream.model)
+            await deliver(delta)
+        return Completion(
+            text="".join(parts),
+            model=upstream.model,
+            finish_reason=upstream.finish_reason,
+            usage=upstream.usage,
+            limits=upstream.limits,
+            tool_calls=tool_calls or None,
+        )

@@ -23,7 +23,8 @@ import anyio
 import structlog
 
 from routerd.core import routing as core
-from routerd.core.calls import Attempt, Call, Completion, Delta, Reply
+from routerd.core.affinity import Affinity, session_in, session_key
+from routerd.core.calls import Attempt, Completion, Delta, Reply
 from routerd.core.errors import Refused
 from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.core.plan import Candidate, Exclusions, Plan, Target, plan
@@ -32,14 +33,14 @@ from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.attempt import (
     ProviderRuntime,
     build_call,
-    merge_tool_calls,
     record,
     settled_outcome,
+    streamed,
 )
 from routerd.dispatch.queue import Waiter, give_up, hopeless
 from routerd.dispatch.routes import Route, RouteTable
 from routerd.dispatch.sharing import Sharing
-from routerd.upstream.base import Adapter
+from routerd.dispatch.sticky import place
 
 log = structlog.get_logger("routerd.dispatch")
 
@@ -68,6 +69,9 @@ class _Job:
     exclusions: Exclusions = field(default_factory=Exclusions)
     retries_left: int = 0
     last_failure: Failure | None = None
+    # The conversation (its hashed session key), and whether its placement was counted.
+    session: str | None = None
+    placed: bool = False
 
     def retry_round(self) -> bool:
         """Every target failed this request once: the retry budget pays for another round,
@@ -110,6 +114,7 @@ class Dispatcher:
         adhoc_idle_s: float = 600.0,
         on_drop: Callable[[str], None] = lambda name: None,
         sharing: Sharing | None = None,
+        affinity: Affinity | None = None,
     ) -> None:
         self._table = RouteTable(
             routes,
@@ -122,6 +127,7 @@ class Dispatcher:
         )
         self.actors = actors
         self.providers = providers
+        self.affinity = affinity if affinity is not None else Affinity()
         self.in_flight = 0
         self._clock = clock
         self._rng = rng or random.Random()
@@ -228,20 +234,29 @@ class Dispatcher:
         on_delta: OnDelta | None = None,
         client: str = "",
         prompt_tokens: int | None = None,
+        session: str | None = None,
     ) -> Reply:
         """Serve one request on a route; raises Refused when it cannot be served.
 
         ``client`` names who sent it (a connection or a peer process), so that waiting
         requests are served fairly across clients. ``prompt_tokens`` is the prompt's
         estimate when the front has made it already (one walk over a long prompt, not two).
+        ``session`` names the conversation: its turns stay where its prompt cache is.
         """
-        route = self.resolve(route_name)
-        budget = route.deadline_s if deadline is None else deadline
-        if not budget > 0:
-            raise Refused("bad_request", f"deadline must be positive, got {deadline}")
+        try:
+            route = self.resolve(route_name)
+            budget = route.deadline_s if deadline is None else deadline
+            if not budget > 0:
+                raise Refused("bad_request", f"deadline must be positive, got {deadline}")
+        except Refused as exc:
+            self.refused(exc.kind)
+            raise
         started = self._clock()
         job = _Job(route, request, stream, on_delta, started + budget, (priority, client))
         job.retries_left = route.retries
+        session = session or session_in(request)
+        if session and self.affinity.enabled:
+            job.session = session_key(session)
         self.in_flight += 1
         route.active += 1
         outcome = "cancelled"
@@ -261,6 +276,12 @@ class Dispatcher:
         finally:
             self._finished(job, outcome, started)
 
+    def refused(self, kind: str) -> None:
+        """Count a request refused before it was routed (unknown route, malformed request):
+        its route label is empty, since a client may name any route."""
+        if self._observer is not None:
+            self._observer("", None, kind, 0.0)
+
     def _finished(self, job: _Job, outcome: str, started: float) -> None:
         """A request ended: free its place, log its one line, tell the observer."""
         self.in_flight -= 1
@@ -269,7 +290,10 @@ class Dispatcher:
         if not self.in_flight and self._idle is not None:
             self._idle.set()
         last = job.attempts[-1] if job.attempts else None
-        log.info(
+        # A failed request is a warning, so filtering warnings shows an outage; a reply, or
+        # a client that cancelled its own request, is routine.
+        emit = log.info if outcome in ("ok", "cancelled") else log.warning
+        emit(
             "request",
             route=job.route.name,
             outcome=outcome,
@@ -316,8 +340,14 @@ class Dispatcher:
                         waiter = None
                         # Once this lease is taken, the next waiter may use what is left.
                         leased = partial(queue.kick, assess, now)
-                    outcome = await self._attempt(decision.candidates[0], job, leased)
+                    candidate = decision.candidates[0]
+                    if job.session is not None:
+                        candidate = place(self.affinity, job, decision, now, count=not job.placed)
+                        job.placed = True
+                    outcome = await self._attempt(candidate, job, leased)
                     if isinstance(outcome, Reply):
+                        if job.session is not None:
+                            self.affinity.served(job.session, candidate, self._clock())
                         return outcome
                     continue
                 if job.retry_round():
@@ -375,7 +405,7 @@ class Dispatcher:
             call = build_call(provider, candidate, actor.secret.key, job.request)
             try:
                 if job.stream:
-                    result = await self._stream(provider.adapter, call, deliver)
+                    result = await streamed(provider.adapter, call, deliver)
                 else:
                     result = await provider.adapter.complete(call)
             except UpstreamFailure as exc:
@@ -401,35 +431,16 @@ class Dispatcher:
         for event in events:
             if isinstance(event, core.BreakerOpened | core.BreakerSuspect):
                 name = "opened" if isinstance(event, core.BreakerOpened) else "suspect"
-                log.info(
+                log.warning(
                     f"breaker_{name}", target=event.target, was=event.was.value, reason=event.reason
                 )
             elif isinstance(event, core.BreakerClosed):
-                log.info("breaker_closed", target=event.target, was=event.was.value, reason="")
+                log.warning("breaker_closed", target=event.target, was=event.was.value, reason="")
             elif isinstance(event, core.BreakerHalfOpen):
                 log.debug("breaker_half_open", target=event.target)
             else:
                 actor.report(event)
         self._on_change()
-
-    async def _stream(self, adapter: Adapter, call: Call, deliver: OnDelta) -> Completion:
-        parts: list[str] = []
-        tool_calls: list[dict[str, Any]] = []
-        async with adapter.stream(call) as upstream:
-            async for delta in upstream:
-                if delta.text:
-                    parts.append(delta.text)
-                if delta.tool_calls:
-                    merge_tool_calls(tool_calls, delta.tool_calls)
-                await deliver(delta)
-            return Completion(
-                text="".join(parts),
-                model=upstream.model,
-                finish_reason=upstream.finish_reason,
-                usage=upstream.usage,
-                limits=upstream.limits,
-                tool_calls=tool_calls or None,
-            )
 
 
 def _all_excluded(route: Route, exclusions: Exclusions) -> bool:

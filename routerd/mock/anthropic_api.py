@@ -21,10 +21,11 @@ import msgspec
 
 from routerd.mock import anthropic_errors as errors
 from routerd.mock import anthropic_wire as wire
+from routerd.mock.anthropic_headers import ceil_s, limit_headers, window_of
 from routerd.mock.asgi import Headers, Request, Responder
+from routerd.mock.cache import read_parts
 from routerd.mock.directives import DirectiveError, Directives, parse_directives, strip_directives
 from routerd.mock.faults import send_body, wait_or_fail
-from routerd.mock.limits import WindowState
 from routerd.mock.spec import KeySpec, ModelSpec
 from routerd.mock.state import Admission, MockState, WindowName
 
@@ -62,7 +63,7 @@ class _Call:
     def headers(self, content_type: tuple[bytes, bytes]) -> Headers:
         headers = [content_type, (b"request-id", self.request_id.encode())]
         if self.limits is not None:
-            headers += _limit_headers(self.limits, time.time())
+            headers += limit_headers(self.limits, time.time())
         return headers
 
     async def error(
@@ -128,9 +129,7 @@ async def messages(state: MockState, request: Request, reply: Responder) -> None
     except DirectiveError as exc:
         await call.error(400, errors.invalid_request(str(exc)))
         return
-    maximum = model.context_window
-    if model.long_context_window is not None and _has_long_context_beta(request):
-        maximum = model.long_context_window
+    maximum = _maximum(model, request)
     if directives.fail == "context" or prompt_tokens > maximum:
         claimed = max(prompt_tokens, maximum + 1)
         await call.error(400, errors.prompt_too_long(claimed, maximum))
@@ -141,8 +140,9 @@ async def messages(state: MockState, request: Request, reply: Responder) -> None
         return
     if not await _admit(call, secret, key, body.model, prompt_tokens, body.max_tokens, is_long):
         return
+    cached = state.cached_tokens(key, read_parts(body.messages, prompt_tokens))
     said = strip_directives(user_text)[:40]
-    answer = _compose(body, key.label, said, directives, prompt_tokens)
+    answer = _compose(body, key.label, said, directives, prompt_tokens, cached)
     await _play(call, body, model, directives, answer)
 
 
@@ -241,7 +241,12 @@ async def _send(reply: Responder, event: wire.StreamEvent, *, last: bool = False
 
 
 def _compose(
-    body: wire.MessagesRequest, label: str, said: str, directives: Directives, prompt_tokens: int
+    body: wire.MessagesRequest,
+    label: str,
+    said: str,
+    directives: Directives,
+    prompt_tokens: int,
+    cached: int = 0,
 ) -> _Reply:
     """The deterministic answer: text (an echo), then a tool call when asked for and offered.
 
@@ -272,7 +277,8 @@ def _compose(
             id=f"toolu_{uuid.uuid4().hex[:24]}", name=tool, input=tool_input
         )
         output_tokens += _tokens(len(tool) + len(_encode(tool_input)))
-    usage = wire.Usage(input_tokens=prompt_tokens, output_tokens=output_tokens)
+    # The prompt's cached prefix is not in input_tokens, as Anthropic counts it.
+    usage = wire.Usage(max(0, prompt_tokens - cached), output_tokens, cached)
     return _Reply(text, tool_use, stop_reason, stop_sequence, usage)
 
 
@@ -296,63 +302,15 @@ async def _admit(
         return True
     name = admission.refused_by
     assert name is not None
-    window = _window(admission, name)
+    window = window_of(admission, name)
     detail = errors.rate_limited(name, window.limit if window else 0, model)
     if admission.rejected == "too_large":
         # No retry-after: waiting does not make this request fit on this key.
         await call.error(429, detail)
         return False
-    retry = [(b"retry-after", str(max(1, _ceil_s(admission.retry_after_s))).encode())]
+    retry = [(b"retry-after", str(max(1, ceil_s(admission.retry_after_s))).encode())]
     await call.error(429, detail, retry)
     return False
-
-
-def _window(admission: Admission, name: WindowName) -> WindowState | None:
-    windows: dict[WindowName, WindowState | None] = {
-        "requests": admission.requests,
-        "tokens": admission.tokens,
-        "input_tokens": admission.input_tokens,
-        "output_tokens": admission.output_tokens,
-        "long_requests": admission.long_requests,
-    }
-    return windows[name]
-
-
-def _limit_headers(admission: Admission, now: float) -> Headers:
-    """anthropic-ratelimit-* for each window the key has; resets as RFC 3339 instants."""
-    tokens = admission.tokens
-    if tokens is None:
-        # Anthropic's tokens-* headers describe the most restrictive token limit in force.
-        split = [w for w in (admission.input_tokens, admission.output_tokens) if w is not None]
-        tokens = min(split, key=lambda w: (w.remaining, w.limit), default=None)
-    families = (
-        ("requests", admission.requests),
-        ("tokens", tokens),
-        ("input-tokens", admission.input_tokens),
-        ("output-tokens", admission.output_tokens),
-    )
-    headers: Headers = []
-    for name, window in families:
-        if window is None:
-            continue
-        prefix = f"anthropic-ratelimit-{name}"
-        headers += [
-            (f"{prefix}-limit".encode(), str(window.limit).encode()),
-            (f"{prefix}-remaining".encode(), str(window.remaining).encode()),
-            (f"{prefix}-reset".encode(), format_rfc3339(now + window.reset_s).encode()),
-        ]
-    return headers
-
-
-def format_rfc3339(timestamp: float) -> str:
-    """A Unix time as Anthropic writes resets: UTC, whole seconds, rounded up (never early)."""
-    moment = datetime.fromtimestamp(_ceil_s(timestamp), tz=UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _ceil_s(seconds: float) -> int:
-    # Rounding first keeps float noise (2.0000000001 s) from adding a second.
-    return math.ceil(round(seconds, 6))
 
 
 def _api_key(request: Request) -> str | None:
@@ -369,6 +327,13 @@ def _api_key(request: Request) -> str | None:
 def _has_long_context_beta(request: Request) -> bool:
     betas = request.headers.get("anthropic-beta", "").split(",")
     return any(beta.strip().startswith(LONG_CONTEXT_BETA) for beta in betas)
+
+
+def _maximum(model: ModelSpec, request: Request) -> int:
+    """The largest prompt this request may send: the long window with the beta header."""
+    if model.long_context_window is not None and _has_long_context_beta(request):
+        return model.long_context_window
+    return model.context_window
 
 
 def _in_long_range(tokens: int, model: ModelSpec) -> bool:

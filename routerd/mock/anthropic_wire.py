@@ -71,6 +71,8 @@ class Usage(msgspec.Struct):
 
     input_tokens: int
     output_tokens: int
+    # Prompt tokens read from the organisation's prompt cache (not in input_tokens).
+    cache_read_input_tokens: int = 0
 
 
 class Message(msgspec.Struct):

@@ -127,6 +127,8 @@ async def chat_completions(state: MockState, request: Request, reply: Responder)
         return
     said = strip_directives(user_text)[:40]
     answer = _compose(chat, key.label, said, directives, prompt_tokens)
+    parts = [(_encode(m), _tokens(sum(len(t) for t in _texts(m)))) for m in chat.messages]
+    answer.usage.prompt_tokens_details.cached_tokens = state.cached_tokens(key, parts)
     await _play(call, chat, model, directives, answer)
 
 

@@ -99,12 +99,19 @@ class Choice(msgspec.Struct):
     logprobs: None = None
 
 
+class PromptTokensDetails(msgspec.Struct):
+    """What part of the prompt the organisation's prompt cache held."""
+
+    cached_tokens: int = 0
+
+
 class Usage(msgspec.Struct):
     """Token counts of one call."""
 
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = msgspec.field(default_factory=PromptTokensDetails)
 
 
 class ChatCompletion(msgspec.Struct):

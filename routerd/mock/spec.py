@@ -36,6 +36,8 @@ class KeySpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     otpm: PositiveInt | None = None
     long_context_rpm: PositiveInt | None = None
     long_context: bool = True
+    # The organisation behind the key: keys of one organisation share a prompt cache.
+    org: str | None = None
 
 
 class ModelSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -8,12 +8,13 @@ never interleave with another request's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import msgspec
 
+from routerd.mock.cache import PromptCache
 from routerd.mock.limits import SlidingWindow, WindowState
 from routerd.mock.spec import KeySpec, MockSpec, ModelSpec
 
@@ -61,6 +62,11 @@ class MockState:
         self._windows: dict[str, dict[WindowName, SlidingWindow]] = {}
         self._calls: dict[str, dict[str, dict[str, int]]] = {}
         self._total = 0
+        self.cache = PromptCache()
+
+    def cached_tokens(self, key: KeySpec, parts: Sequence[tuple[bytes, int]]) -> int:
+        """The prompt tokens this key's organisation has cached (see mock/cache.py)."""
+        return self.cache.read(key.org or key.label, parts)
 
     def key(self, secret: str) -> KeySpec | None:
         """The spec of the key with this secret, None for a key the mock never issued."""
@@ -144,6 +150,7 @@ class MockState:
         self._calls.clear()
         self._total = 0
         self._windows.clear()
+        self.cache.clear()
 
     def set_model(self, name: str, model: ModelSpec) -> None:
         """Replace (or add) one model's spec, e.g. to start or end an outage."""

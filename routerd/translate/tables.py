@@ -83,16 +83,29 @@ def openai_usage(usage: object) -> dict[str, int]:
         for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
     )
     completion = _count(usage, "output_tokens")
-    return {
+    counts = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
     }
+    # What the prompt cache saved and what it stored, kept for the client.
+    if "cache_read_input_tokens" in usage:
+        counts["cached_tokens"] = _count(usage, "cache_read_input_tokens")
+    if written := _count(usage, "cache_creation_input_tokens"):
+        counts["cache_creation_tokens"] = written
+    return counts
 
 
 def anthropic_usage(usage: dict[str, int]) -> dict[str, int]:
-    """Anthropic usage for OpenAI's."""
-    return {
-        "input_tokens": usage.get("prompt_tokens", 0),
+    """Anthropic usage for OpenAI's: input_tokens leaves out what the cache read or wrote,
+    as Anthropic counts them."""
+    cached = usage.get("cached_tokens", 0)
+    written = usage.get("cache_creation_tokens", 0)
+    counts = {
+        "input_tokens": max(0, usage.get("prompt_tokens", 0) - cached - written),
         "output_tokens": usage.get("completion_tokens", 0),
     }
+    if cached or written:
+        counts["cache_read_input_tokens"] = cached
+        counts["cache_creation_input_tokens"] = written
+    return counts

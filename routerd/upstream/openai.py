@@ -77,10 +77,15 @@ def _text(content: str | list[Any] | None) -> str:
 
 
 def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
-    # Nested breakdowns (prompt_tokens_details, ...) and nulls are dropped; bool is not a count.
+    # Nested breakdowns are dropped but for the prompt tokens read from the provider's cache
+    # (``cached_tokens``); nulls too; bool is not a count.
     if not usage:
         return {}
-    return {name: value for name, value in usage.items() if type(value) is int}
+    counts = {name: value for name, value in usage.items() if type(value) is int}
+    details = usage.get("prompt_tokens_details")
+    if isinstance(details, dict) and type(details.get("cached_tokens")) is int:
+        counts["cached_tokens"] = details["cached_tokens"]
+    return counts
 
 
 class OpenAIStream:

@@ -130,6 +130,8 @@ class EventEncoder:
 
     def delta(self, delta: Delta) -> bytes:
         """The events for one upstream Delta; nothing for a delta with only a finish."""
+        if delta.model:
+            self.model = delta.model  # message_start, sent after the first delta, names it
         out = b""
         if delta.text:
             if self._open_kind != "text":

@@ -19,8 +19,7 @@ proper HTTP error that the SDKs turn into their own exception types.
 from __future__ import annotations
 
 import hmac
-import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -33,23 +32,34 @@ from routerd.core.errors import Refused
 from routerd.core.tokens import estimate_prompt
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BudgetExhausted, BufferBudget
-from routerd.fronts.http import anthropic_shape, openai_shape
+from routerd.fronts.http import anthropic_shape, openai_shape, responses
+from routerd.fronts.http.asgi import (
+    Receive,
+    Scope,
+    Send,
+    client_of,
+    length,
+    reply_error,
+    reply_json,
+    routing_headers,
+    start,
+)
 from routerd.fronts.http.body import BodyTimeout, BodyTooLarge, read_body
-from routerd.fronts.http.connections import CLIENT_KEY, HANGUP_KEY, Hangup
+from routerd.fronts.http.cancel import hung_up_on, watched
+from routerd.fronts.http.connections import HANGUP_KEY, Hangup
 from routerd.fronts.http.errors import HttpError, front_error, routed_error
 from routerd.fronts.http.metrics import CONTENT_TYPE, Metrics
+from routerd.fronts.http.responses_store import ResponseStore
 from routerd.fronts.http.wire import JSON, SSE, Api, ShapeError, encode, served_by
 
 log = structlog.get_logger("routerd.front")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 
 class StreamEncoder(Protocol):
-    """Turns a reply into one API's stream, piece by piece."""
+    """Turns a reply into one API's stream, piece by piece; ``model`` is what it names as
+    the model (the serving one, once a delta or the reply tells)."""
+
+    model: str
 
     def opening(self) -> bytes: ...
     def delta(self, delta: Delta) -> bytes: ...
@@ -68,6 +78,8 @@ class FrontState:
     max_body: int
     budget: BufferBudget
     read_timeout_s: float = 30.0
+    # The Responses API's answered turns (previous_response_id, GET /v1/responses/{id}).
+    responses: ResponseStore = field(default_factory=ResponseStore)
     active: set[anyio.CancelScope] = field(default_factory=set)
     stopping: bool = False
 
@@ -90,6 +102,12 @@ class _Chat:
     render: Callable[[Reply], bytes]
     # The prompt's estimate when the front needed it already; the dispatcher reuses it.
     prompt_tokens: int | None = None
+    # The conversation, when the API's own body carries it past the chat body's fields.
+    session: str | None = None
+
+
+# The paths whose requests reach the dispatcher: a refusal before routing counts there too.
+_MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,12 +137,15 @@ class FrontApp:
                 name.decode("latin-1").lower(): value.decode("latin-1")
                 for name, value in scope.get("headers", [])
             },
-            client=_client_of(scope),
+            client=client_of(scope),
             hangup=scope.get(HANGUP_KEY),
         )
         api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
-        if self._token is not None and not self._authorized(request.headers):
-            await _reply_error(
+        # Liveness probes need no secret: /healthz says nothing about keys or traffic.
+        public = request.path == "/healthz"
+        if self._token is not None and not public and not self._authorized(request.headers):
+            self._refused(request, "unauthenticated")
+            await reply_error(
                 send,
                 front_error(
                     api,
@@ -137,19 +158,28 @@ class FrontApp:
         try:
             await self._route(request, api, receive, send)
         except BodyTooLarge:
+            self._refused(request, "request_too_large")
             message = f"the request body exceeds server.max_frame ({self.state.max_body} bytes)"
-            await _reply_error(send, front_error(api, "request_too_large", message), close=True)
+            await reply_error(send, front_error(api, "request_too_large", message), close=True)
         except BodyTimeout:
+            self._refused(request, "request_timeout")
             message = (
                 f"the request body did not arrive whole within server.read_timeout_s "
                 f"({self.state.read_timeout_s:g} s)"
             )
-            await _reply_error(send, front_error(api, "request_timeout", message), close=True)
+            await reply_error(send, front_error(api, "request_timeout", message), close=True)
         except BudgetExhausted as exc:
+            self._refused(request, "unavailable")
             error = front_error(api, "unavailable", str(exc), retry=True)
-            await _reply_error(send, error, retry_after_s=1, close=True)
+            await reply_error(send, error, retry_after_s=1, close=True)
         except ShapeError as exc:
-            await _reply_error(send, front_error(api, "bad_request", str(exc)))
+            self._refused(request, "bad_request")
+            await reply_error(send, front_error(api, "bad_request", str(exc)))
+
+    def _refused(self, request: _Request, kind: str) -> None:
+        """Count a model request refused before routing (requests_total, route "")."""
+        if request.path in _MODEL_PATHS:
+            self.state.dispatcher.refused(kind)
 
     def _authorized(self, headers: dict[str, str]) -> bool:
         assert self._token is not None
@@ -168,6 +198,12 @@ class FrontApp:
             handlers["POST"] = lambda: self._openai_chat(request, receive, send)
         elif path == "/v1/messages":
             handlers["POST"] = lambda: self._anthropic_chat(request, receive, send)
+        elif path == "/v1/responses":
+            handlers["POST"] = lambda: self._responses(request, receive, send)
+        elif path.startswith("/v1/responses/"):
+            rid = path.removeprefix("/v1/responses/")
+            handlers["GET"] = lambda: self._stored(send, rid, delete=False)
+            handlers["DELETE"] = lambda: self._stored(send, rid, delete=True)
         elif path == "/v1/messages/count_tokens":
             handlers["POST"] = lambda: self._count_tokens(request, receive, send)
         elif path == "/v1/models" or path.startswith("/v1/models/"):
@@ -181,9 +217,9 @@ class FrontApp:
             await handler()
         elif handlers:
             message = f"{method} is not allowed on {path}; use {', '.join(handlers)}"
-            await _reply_error(send, front_error(api, "method_not_allowed", message))
+            await reply_error(send, front_error(api, "method_not_allowed", message))
         else:
-            await _reply_error(send, front_error(api, "not_found", f"no such path: {path}"))
+            await reply_error(send, front_error(api, "not_found", f"no such path: {path}"))
 
     # ---- chat -------------------------------------------------------------------------
 
@@ -221,14 +257,37 @@ class FrontApp:
         )
         await self._chat(call, request, receive, send)
 
+    async def _responses(self, request: _Request, receive: Receive, send: Send) -> None:
+        body = await self._read_body(request, receive)
+        if body is None:
+            return
+        turn = responses.begin(body, self.state.responses)
+        if isinstance(turn, HttpError):
+            await reply_error(send, turn)
+            return
+        call = _Chat(
+            "openai",
+            turn.route,
+            turn.body,
+            turn.stream,
+            turn.encoder,
+            turn.render,
+            session=turn.session,
+        )
+        await self._chat(call, request, receive, send)
+
+    async def _stored(self, send: Send, rid: str, *, delete: bool) -> None:
+        status, content = responses.stored(self.state.responses, rid, delete=delete)
+        await reply_json(send, status, content)
+
     async def _chat(self, call: _Chat, request: _Request, receive: Receive, send: Send) -> None:
         """Run one request through the dispatcher and answer it in its API's shape."""
         api, encoder, stream = call.api, call.encoder, call.stream
         if self.state.draining():
             error = front_error(api, "unavailable", "routerd is shutting down", retry=True)
-            await _reply_error(send, error, retry_after_s=1)
+            await reply_error(send, error, retry_after_s=1)
             return
-        deadline, priority = _routing_headers(request.headers)
+        deadline, priority = routing_headers(request.headers)
         started = False
 
         async def on_delta(delta: Delta) -> None:
@@ -238,7 +297,7 @@ class FrontApp:
                 return
             if not started:
                 started = True
-                await _start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                await start(send, 200, [SSE, (b"cache-control", b"no-cache")])
                 data = encoder.opening() + data
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
@@ -252,80 +311,42 @@ class FrontApp:
                 on_delta=on_delta if stream else None,
                 client=request.client,
                 prompt_tokens=call.prompt_tokens,
+                session=request.headers.get("x-routerd-session") or call.session,
             )
 
         if request.hangup is not None:
-            outcome, gone = await self._hung_up_on(request.hangup, dispatch)
+            outcome, gone = await hung_up_on(request.hangup, self.state.active, dispatch)
         else:
-            outcome, gone = await self._guarded(receive, dispatch)
-        if gone:
-            return  # the client left; its upstream call was cancelled with it
+            outcome, gone = await watched(receive, self.state.active, dispatch)
+        if not gone:  # else the client left; its upstream call was cancelled with it
+            await self._answer(call, outcome, started, send)
+
+    async def _answer(
+        self, call: _Chat, outcome: Reply | Refused | None, started: bool, send: Send
+    ) -> None:
+        """The reply (or the rest of the stream), or the error, in the call's API's shape."""
+        encoder = call.encoder
         if isinstance(outcome, Reply):
-            if not stream:
+            if not call.stream:
                 content = call.render(outcome)
-                await _start(send, 200, [JSON, *served_by(outcome), _length(content)])
+                await start(send, 200, [JSON, *served_by(outcome), length(content)])
                 await send({"type": "http.response.body", "body": content})
                 return
             head = b""
             if not started:
-                await _start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                await start(send, 200, [SSE, (b"cache-control", b"no-cache")])
+                encoder.model = outcome.model
                 head = encoder.opening()
             await send({"type": "http.response.body", "body": head + encoder.closing(outcome)})
             return
         if outcome is None:
-            error = front_error(api, "unavailable", "routerd is shutting down", retry=True)
+            error = front_error(call.api, "unavailable", "routerd is shutting down", retry=True)
         else:
-            error = routed_error(api, outcome)
+            error = routed_error(call.api, outcome)
         if started:
             await send({"type": "http.response.body", "body": encoder.error(error)})
         else:
-            await _reply_error(send, error)
-
-    async def _hung_up_on(
-        self, hangup: Hangup, dispatch: Callable[[], Awaitable[Reply]]
-    ) -> tuple[Reply | Refused | None, bool]:
-        """(outcome, client gone), as ``_guarded``, with the protocol's Hangup cancelling the
-        request (and its upstream call) when the client leaves: no watcher task."""
-        outcome: Reply | Refused | None = None
-        with anyio.CancelScope() as scope:
-            self.state.active.add(scope)
-            hangup.watch(scope)
-            try:
-                outcome = await _outcome(dispatch)
-            finally:
-                hangup.finish()
-                self.state.active.discard(scope)
-        return outcome, hangup.gone
-
-    async def _guarded(
-        self, receive: Receive, dispatch: Callable[[], Awaitable[Reply]]
-    ) -> tuple[Reply | Refused | None, bool]:
-        """(outcome, client gone); the outcome is None when the front cancelled it to stop.
-
-        ASGI servers do not cancel an app whose client left; they only tell ``receive``.
-        Under another server than routerd's own protocol, the request runs beside a watcher
-        that cancels it (and its upstream call) then.
-        """
-        outcome: Reply | Refused | None = None
-        gone = False
-        async with anyio.create_task_group() as tg:
-            self.state.active.add(tg.cancel_scope)
-            try:
-
-                async def watch() -> None:
-                    nonlocal gone
-                    # The body is read: receive() now returns only once the client is gone.
-                    while (await receive())["type"] != "http.disconnect":
-                        pass
-                    gone = True
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(watch)
-                outcome = await _outcome(dispatch)
-                tg.cancel_scope.cancel()
-            finally:
-                self.state.active.discard(tg.cancel_scope)
-        return outcome, gone
+            await reply_error(send, error)
 
     async def _read_body(self, request: _Request, receive: Receive) -> bytes | None:
         """The whole body within the budget and the read timeout; None if the client left."""
@@ -344,7 +365,7 @@ class FrontApp:
         if body is None:
             return
         chat = anthropic_shape.chat_body(anthropic_shape.parse_messages(body))
-        await _reply_json(send, 200, encode({"input_tokens": estimate_prompt(chat)}))
+        await reply_json(send, 200, encode({"input_tokens": estimate_prompt(chat)}))
 
     async def _models(self, request: _Request, send: Send) -> None:
         dispatcher = self.state.dispatcher
@@ -355,17 +376,17 @@ class FrontApp:
             owners = {**dict.fromkeys(routes, "routerd"), **dict(targets)}
             if wanted not in owners:
                 message = f"The model '{wanted}' does not exist (not a route or a target)"
-                await _reply_error(send, front_error("openai", "not_found", message))
+                await reply_error(send, front_error("openai", "not_found", message))
                 return
-            await _reply_json(send, 200, openai_shape.model_card(wanted, owners[wanted]))
+            await reply_json(send, 200, openai_shape.model_card(wanted, owners[wanted]))
         elif "anthropic-version" in request.headers:
-            await _reply_json(send, 200, anthropic_shape.model_list(routes, targets))
+            await reply_json(send, 200, anthropic_shape.model_list(routes, targets))
         else:
-            await _reply_json(send, 200, openai_shape.model_list(routes, targets))
+            await reply_json(send, 200, openai_shape.model_list(routes, targets))
 
     async def _metrics(self, send: Send) -> None:
         content = self.state.metrics.render()
-        await _start(send, 200, [(b"content-type", CONTENT_TYPE.encode()), _length(content)])
+        await start(send, 200, [(b"content-type", CONTENT_TYPE.encode()), length(content)])
         await send({"type": "http.response.body", "body": content})
 
     async def _healthz(self, send: Send) -> None:
@@ -376,74 +397,4 @@ class FrontApp:
             "in_flight": self.state.dispatcher.in_flight,
             "buffer_budget": {"used": self.state.budget.used, "limit": self.state.budget.limit},
         }
-        await _reply_json(send, 503 if draining else 200, encode(body))
-
-
-def _routing_headers(headers: dict[str, str]) -> tuple[float | None, int]:
-    """x-routerd-deadline (seconds) and x-routerd-priority, which SDKs send as extra headers."""
-    deadline: float | None = None
-    priority = 0
-    raw = headers.get("x-routerd-deadline")
-    if raw is not None:
-        try:
-            deadline = float(raw)
-        except ValueError:
-            deadline = math.nan
-        if not (math.isfinite(deadline) and deadline > 0):
-            raise ShapeError(f"x-routerd-deadline must be a positive number of seconds: {raw!r}")
-    raw = headers.get("x-routerd-priority")
-    if raw is not None:
-        try:
-            priority = int(raw)
-        except ValueError:
-            raise ShapeError(f"x-routerd-priority must be an integer: {raw!r}") from None
-    return deadline, priority
-
-
-async def _outcome(dispatch: Callable[[], Awaitable[Reply]]) -> Reply | Refused:
-    """The reply, or the refusal; a crash in routerd is refused as internal, and logged."""
-    try:
-        return await dispatch()
-    except Refused as exc:
-        return exc
-    except Exception:
-        log.exception("http_request_crashed")
-        return Refused("internal", "routerd failed on this request")
-
-
-def _client_of(scope: Scope) -> str:
-    """The sender's name: the peer's pid on the Unix socket, host:port on TCP."""
-    named = scope.get(CLIENT_KEY)
-    if isinstance(named, str):
-        return named
-    client = scope.get("client")
-    if client:
-        return f"tcp:{client[0]}:{client[1]}"
-    return "http"
-
-
-def _length(content: bytes) -> tuple[bytes, bytes]:
-    return (b"content-length", str(len(content)).encode())
-
-
-async def _start(send: Send, status: int, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-
-
-async def _reply_json(send: Send, status: int, content: bytes) -> None:
-    await _start(send, status, [JSON, _length(content)])
-    await send({"type": "http.response.body", "body": content})
-
-
-async def _reply_error(
-    send: Send, error: HttpError, *, retry_after_s: int | None = None, close: bool = False
-) -> None:
-    """Send ``error``; ``close`` when the rest of the request will not be read."""
-    content = error.encode()
-    headers = [*error.headers, _length(content)]
-    if retry_after_s is not None:
-        headers.append((b"retry-after", str(retry_after_s).encode()))
-    if close:
-        headers.append((b"connection", b"close"))
-    await _start(send, error.status, headers)
-    await send({"type": "http.response.body", "body": content})
+        await reply_json(send, 503 if draining else 200, encode(body))

@@ -14,7 +14,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from routerd_client.protocol import StatusReport
 
 from routerd.core.breaker import BreakerState
@@ -71,7 +71,28 @@ class _PoolCollector:
             "routerd_in_flight", "Requests in the dispatcher now, from both fronts"
         )
         in_flight.add_metric([], float(report.in_flight))
-        return [state, cooldown, breaker, queue, in_flight]
+        return [state, cooldown, breaker, queue, in_flight, *_affinity(report)]
+
+
+def _affinity(report: StatusReport) -> list[Metric]:
+    """Conversations held per credential, and where conversations' turns went and why."""
+    sessions = GaugeMetricFamily(
+        "routerd_credential_sessions",
+        "Conversations whose last turn the credential served (their prompt cache is there)",
+        labels=["provider", "credential"],
+    )
+    for credential in report.credentials:
+        sessions.add_metric([credential.provider, credential.label], float(credential.sessions))
+    turns = CounterMetricFamily(
+        "routerd_affinity_turns",
+        "Conversation turns by placement: sticky (the last turn's key), group (a key of its "
+        "cache group), new, or moved (the reason says why)",
+        labels=["outcome", "reason"],
+    )
+    for name, count in report.affinity.turns.items():
+        outcome, _, reason = name.partition(":")
+        turns.add_metric([outcome, reason], float(count))
+    return [sessions, turns]
 
 
 class Metrics:

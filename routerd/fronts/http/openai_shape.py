@@ -73,16 +73,19 @@ def parse_chat(raw: bytes) -> ChatRequest:
     )
 
 
-def _usage(usage: dict[str, int]) -> dict[str, int] | None:
+def _usage(usage: dict[str, int]) -> dict[str, Any] | None:
     if not usage:
         return None
     prompt = usage.get("prompt_tokens", 0)
     completion = usage.get("completion_tokens", 0)
-    return {
+    counts: dict[str, Any] = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": usage.get("total_tokens", prompt + completion),
     }
+    if "cached_tokens" in usage:
+        counts["prompt_tokens_details"] = {"cached_tokens": usage["cached_tokens"]}
+    return counts
 
 
 def completion(reply: Reply) -> bytes:
@@ -157,6 +160,8 @@ class ChunkEncoder:
 
     def delta(self, delta: Delta) -> bytes:
         """One upstream Delta as a chunk; nothing for a delta that carries only a finish."""
+        if delta.model:
+            self.model = delta.model
         if not delta.text and not delta.tool_calls:
             return b""
         piece: dict[str, Any] = {}

@@ -17,7 +17,7 @@ import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http.app import FrontApp, FrontState
 from routerd.fronts.http.connections import AcceptErrors, Gate, front_protocol
 from routerd.fronts.http.metrics import Metrics
+from routerd.fronts.http.responses_store import ResponseStore
 from routerd.fronts.peers import PeerPolicy
 
 log = structlog.get_logger("routerd.front")
@@ -150,6 +151,33 @@ def bind_tcp(listen: str, *, allow_remote: bool) -> list[socket.socket]:
     return sockets
 
 
+def _listeners(
+    server: ServerConfig, activated: Sequence[socket.socket]
+) -> tuple[_Listener | None, list[_Listener]]:
+    """The Unix listener and the TCP ones: systemd's where it passed them, else bound here."""
+    unix: _Listener | None = None
+    tcp: list[_Listener] = []
+    for sock in activated:
+        if sock.family == socket.AF_UNIX and unix is None:
+            unix = _Listener(sock, str(sock.getsockname()), None)  # systemd removes it
+        elif sock.family in (socket.AF_INET, socket.AF_INET6):
+            tcp.append(_Listener(sock, _address(sock), None))
+        else:
+            sock.close()
+    if unix is None and server.http_socket is not None:
+        path = Path(server.http_socket)
+        unix = _Listener(bind_unix(path, server.socket_mode), str(path), path)
+    if not tcp and server.http_listen is not None:
+        try:
+            socks = bind_tcp(server.http_listen, allow_remote=server.http_allow_remote)
+        except BaseException:
+            if unix is not None:
+                _close(unix)
+            raise
+        tcp = [_Listener(sock, _address(sock), None) for sock in socks]
+    return unix, tcp
+
+
 def _address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -191,32 +219,32 @@ class HttpFront:
         peers: PeerPolicy | None = None,
         budget: BufferBudget | None = None,
         max_connections: int | None = None,
+        responses: ResponseStore | None = None,
+        activated: Sequence[socket.socket] = (),
     ) -> HttpFront | None:
-        """Bind the configured listeners; None when neither http_socket nor http_listen is set.
+        """Bind the configured listeners; None when neither http_socket nor http_listen is set
+        and systemd passed no HTTP socket.
 
-        ``budget`` is the daemon's buffer budget, shared with the msgpack front (a budget
-        of server.buffer_budget of the front's own when None); ``max_connections`` caps the
-        open connections of each kind of listener (server.max_connections when None; the
-        daemon passes less when its file-descriptor limit allows less).
-        Raises FrontError (a RuntimeError) with a message for the operator.
+        ``activated`` are the sockets systemd passed for the front (socket activation, named
+        "http"): a Unix one serves in place of http_socket, TCP ones in place of
+        http_listen, and systemd keeps owning them. ``budget`` is the daemon's buffer budget,
+        shared with the msgpack front (a budget of server.buffer_budget of the front's own
+        when None); ``max_connections`` caps the open connections of each kind of listener
+        (server.max_connections when None; the daemon passes less when its file-descriptor
+        limit allows less); ``responses`` the daemon's store of Responses API turns (one of
+        the front's own when None). Raises FrontError (a RuntimeError) with a message for
+        the operator.
         """
-        if server.http_socket is None and server.http_listen is None:
+        unix, tcp = _listeners(server, activated)
+        if unix is None and not tcp:
             return None
         env = os.environ if environ is None else environ
-        token = read_token(server, env) if server.http_listen is not None else None
-        unix: _Listener | None = None
-        if server.http_socket is not None:
-            path = Path(server.http_socket)
-            unix = _Listener(bind_unix(path, server.socket_mode), str(path), path)
-        tcp: list[_Listener] = []
-        if server.http_listen is not None:
-            try:
-                socks = bind_tcp(server.http_listen, allow_remote=server.http_allow_remote)
-            except BaseException:
-                if unix is not None:
-                    _close(unix)
-                raise
-            tcp = [_Listener(sock, _address(sock), None) for sock in socks]
+        try:
+            token = read_token(server, env) if tcp else None
+        except BaseException:
+            for listener in [*([unix] if unix else []), *tcp]:
+                _close(listener)
+            raise
         state = FrontState(
             dispatcher,
             metrics,
@@ -224,6 +252,7 @@ class HttpFront:
             server.max_frame,
             budget=budget if budget is not None else BufferBudget(server.buffer_budget),
             read_timeout_s=server.read_timeout_s,
+            responses=responses if responses is not None else ResponseStore(),
         )
         return cls(
             state,

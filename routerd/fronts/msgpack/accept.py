@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 import structlog
@@ -128,3 +129,28 @@ def _transient_errno(exc: anyio.BrokenResourceError | OSError) -> int | None:
     if not isinstance(cause, OSError) or cause.errno not in TRANSIENT_ERRNOS:
         return None
     return cause.errno
+
+
+async def listen_unix(path: Path, mode: int) -> SocketListener:
+    """The msgpack socket at ``path``, bound here; a stale socket file is replaced, a live
+    one (another routerd) refused. Raises RuntimeError naming the path."""
+    entry = anyio.Path(path)
+    try:
+        await entry.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if await entry.exists() or await entry.is_symlink():
+            if await _socket_in_use(path):
+                raise RuntimeError(f"another routerd is already listening on {path}")
+            await entry.unlink()
+        return await anyio.create_unix_listener(path, mode=mode)
+    except OSError as exc:
+        # `routerd serve` prints a RuntimeError as one line; a bare OSError names no path.
+        raise RuntimeError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+
+
+async def _socket_in_use(path: Path) -> bool:
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError:
+        return False
+    await stream.aclose()
+    return True

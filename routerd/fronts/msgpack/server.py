@@ -350,6 +350,7 @@ class Connection:
                 return
             problem = check_chat(message) or check_messages(message)
             if problem is not None:
+                self.dispatcher.refused("bad_request")
                 await self.send(Error(message.id, "bad_request", problem))
                 return
             if self.draining():
@@ -407,6 +408,7 @@ class Connection:
                         priority=chat.priority,
                         on_delta=on_delta,
                         client=self.sender,
+                        session=chat.session,
                     )
                 except Refused as refused:
                     await self.send(error_message(request_id, refused))

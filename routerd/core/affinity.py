@@ -1,0 +1,169 @@
+"""Conversation affinity: a conversation stays on the credential whose prompt cache holds it.
+
+Providers cache prompt prefixes per organisation (the account behind a key), so a
+conversation that moves to another organisation's key pays full price for its whole prompt
+again. A request may name its conversation (a session key); its turns then go to the
+credential (and target) that served the turn before, while that one can take it now. When
+it cannot (cooling, parked, disabled, its breaker open, no room in its windows, or gone),
+the turn moves at once, preferring a key of the same cache group (keys of one
+organisation, ``cache_group`` in the config), and the session moves with it.
+
+Bounded: at most ``max_sessions`` conversations (least recently used go first), each
+forgotten after ``idle_s`` without a turn. Session keys are kept as short hashes, never as
+the client sent them (they may name a user).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from routerd.core.credential import CredentialState
+from routerd.core.plan import Candidate
+
+# Why a conversation's turn went where it went, as metrics and status count them.
+STICKY = "sticky"  # the credential that served the last turn
+GROUP = "group"  # another key of the same cache group (the cache is shared)
+NEW = "new"  # a conversation routerd had not seen (or had forgotten)
+MOVED = "moved"  # elsewhere: the reason says why
+
+
+@dataclass(slots=True)
+class Held:
+    """Where one conversation's last turn was served."""
+
+    target: str
+    provider: str
+    label: str
+    group: str | None
+    last: float
+
+
+def session_key(session: str) -> str:
+    """The key a session is held under: a short hash, so no client string is kept."""
+    return hashlib.blake2b(session.encode(), digest_size=12).hexdigest()
+
+
+def session_in(body: dict[str, Any]) -> str | None:
+    """The conversation a chat body names itself: OpenAI's ``prompt_cache_key``, else its
+    ``user`` (where Anthropic's ``metadata.user_id`` lands in translation)."""
+    for name in ("prompt_cache_key", "user"):
+        value = body.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def group_of(credential: CredentialState) -> str | None:
+    """The credential's cache group: its configured one, else the credential itself."""
+    return credential.cache_group
+
+
+class Affinity:
+    """The conversations routerd keeps on their credentials."""
+
+    def __init__(self, max_sessions: int = 10_000, idle_s: float = 3600.0) -> None:
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self._held: OrderedDict[str, Held] = OrderedDict()
+        # Conversations held per (provider, label): a new one goes where fewest are, since
+        # each brings its later turns along.
+        self._load: Counter[tuple[str, str]] = Counter()
+        self.outcomes: Counter[tuple[str, str]] = Counter()  # (outcome, reason) -> turns
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_sessions > 0
+
+    def held(self, key: str, now: float) -> Held | None:
+        """Where the conversation ``key`` was last served; None when new or forgotten."""
+        held = self._held.get(key)
+        if held is not None and now - held.last > self.idle_s:
+            self._forget(key)
+            return None
+        return held
+
+    def _forget(self, key: str) -> None:
+        held = self._held.pop(key, None)
+        if held is not None:
+            self._load[(held.provider, held.label)] -= 1
+
+    def _least_held(self, candidates: Sequence[Candidate]) -> Candidate:
+        """Among the plan's candidates, the one holding the fewest conversations (the
+        plan's order breaks ties)."""
+        return min(
+            candidates,
+            key=lambda c: self._load[(c.credential.provider, c.credential.label)],
+        )
+
+    def choose(
+        self,
+        key: str,
+        candidates: Sequence[Candidate],
+        sticky: Callable[[Held], Candidate | None],
+        why_not: Callable[[Held], str],
+        now: float,
+    ) -> tuple[Candidate, str, str]:
+        """The candidate for this turn, with its outcome and reason.
+
+        ``candidates`` is the plan in order (not empty); ``sticky`` finds the held pair
+        when it can take this turn now (the plan may list only its first candidate);
+        ``why_not`` names why it cannot.
+        """
+        held = self.held(key, now)
+        if held is None:
+            # Held there at once, so conversations starting together spread out.
+            chosen = self._least_held(candidates)
+            self.served(key, chosen, now)
+            return chosen, NEW, ""
+        found = sticky(held)
+        if found is not None:
+            return found, STICKY, ""
+        if held.group is not None:
+            for candidate in candidates:
+                credential = candidate.credential
+                if credential.provider == held.provider and group_of(credential) == held.group:
+                    return candidate, GROUP, why_not(held)
+        reason = why_not(held)
+        chosen = self._least_held(candidates)
+        self.served(key, chosen, now)
+        return chosen, MOVED, reason
+
+    def served(self, key: str, candidate: Candidate, now: float) -> None:
+        """A turn of ``key`` was served by ``candidate``: the conversation is held there."""
+        credential = candidate.credential
+        self._forget(key)
+        self._held[key] = Held(
+            candidate.target.name, credential.provider, credential.label, group_of(credential), now
+        )
+        self._load[(credential.provider, credential.label)] += 1
+        while len(self._held) > self.max_sessions:
+            self._forget(next(iter(self._held)))
+
+    def count(self, outcome: str, reason: str) -> None:
+        self.outcomes[(outcome, reason)] += 1
+
+    def per_credential(self, now: float) -> Counter[tuple[str, str]]:
+        """How many live conversations each (provider, label) holds."""
+        return Counter(
+            (h.provider, h.label) for h in self._held.values() if now - h.last <= self.idle_s
+        )
+
+    def entries(self) -> Iterable[tuple[str, Held]]:
+        """Every conversation held, oldest first (for the state file)."""
+        return self._held.items()
+
+    def restore(self, key: str, held: Held) -> None:
+        """Take back one conversation from the state file."""
+        if self.enabled:
+            self._forget(key)
+            self._held[key] = held
+            self._load[(held.provider, held.label)] += 1
+            while len(self._held) > self.max_sessions:
+                self._forget(next(iter(self._held)))

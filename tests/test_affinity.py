@@ -1,0 +1,98 @@
+"""Conversation affinity in the core: where a conversation's next turn goes, and why."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from routerd import state as state_file
+from routerd.core.affinity import GROUP, MOVED, NEW, STICKY, Affinity, session_in, session_key
+from routerd.core.breaker import Breaker
+from routerd.core.credential import CredentialState, Health
+from routerd.core.plan import Candidate, Target, held_pair, plan
+
+NOW = 1000.0
+
+
+def pool(*groups: str | None) -> Target:
+    creds = [
+        CredentialState("p", f"k{n}", f"sha256:{n}", n, proven=True, cache_group=group)
+        for n, group in enumerate(groups)
+    ]
+    return Target("p/m", "p", "m", "openai", "fill_first", Breaker("p/m", proven=True), creds)
+
+
+def turn(affinity: Affinity, key: str, target: Target, now: float = NOW) -> tuple[str, str, str]:
+    """Place one turn as the dispatcher does, serve it, and say where it went and why."""
+    decision = plan([target], 100, now)
+
+    def check(held: object) -> tuple[Candidate | None, str]:
+        h = affinity.held(key, now)
+        assert h is not None
+        return held_pair([target], h.target, h.provider, h.label, 100, now)
+
+    candidate, outcome, reason = affinity.choose(
+        key, decision.candidates, lambda h: check(h)[0], lambda h: check(h)[1], now
+    )
+    affinity.served(key, candidate, now)
+    return candidate.credential.label, outcome, reason
+
+
+def test_a_conversation_stays_on_its_key_and_moves_once_when_it_cools() -> None:
+    target = pool(None, None, None, None)
+    affinity = Affinity()
+    key = session_key("conversation-1")
+    assert turn(affinity, key, target) == ("k0", NEW, "")
+    # fill_first would pick k0 anyway; make k1 the one that served it, and it stays there.
+    affinity.served(key, Candidate(target, target.pool[1]), NOW)
+    for _ in range(5):
+        assert turn(affinity, key, target) == ("k1", STICKY, "")
+    target.pool[1].health, target.pool[1].until = Health.COOLING, NOW + 30
+    assert turn(affinity, key, target) == ("k0", MOVED, "cooling")
+    target.pool[1].health = Health.READY
+    # The session moved with the turn: it stays on k0 now, even with k1 back.
+    assert turn(affinity, key, target) == ("k0", STICKY, "")
+
+
+def test_a_move_prefers_a_key_of_the_same_cache_group() -> None:
+    target = pool("org-a", "org-b", "org-b")
+    affinity = Affinity()
+    key = session_key("c")
+    affinity.served(key, Candidate(target, target.pool[1]), NOW)
+    target.pool[1].health, target.pool[1].until = Health.PARKED, NOW + 3600
+    assert turn(affinity, key, target) == ("k2", GROUP, "parked")
+
+
+def test_sessions_are_bounded_and_forgotten_when_idle() -> None:
+    target = pool(None, None)
+    affinity = Affinity(max_sessions=2, idle_s=60)
+    for name in ("a", "b", "c"):
+        turn(affinity, session_key(name), target)
+    assert len(affinity) == 2 and affinity.held(session_key("a"), NOW) is None
+    # New conversations went where fewest were held: a and c on k0, b on k1; a is gone.
+    assert affinity.per_credential(NOW) == {("p", "k0"): 1, ("p", "k1"): 1}
+    assert affinity.held(session_key("c"), NOW + 61) is None
+
+
+def test_the_session_key_is_a_hash_and_bodies_name_their_conversation() -> None:
+    assert session_key("alice@example.com") != "alice@example.com"
+    assert "alice" not in session_key("alice@example.com")
+    assert session_in({"prompt_cache_key": "pc", "user": "u"}) == "pc"
+    assert session_in({"user": "u"}) == "u"
+    assert session_in({"user": 7}) is None
+
+
+def test_held_sessions_survive_the_state_file(tmp_path: Path) -> None:
+    target = pool(None, "g")
+    affinity = Affinity()
+    affinity.served(session_key("alice@example.com"), Candidate(target, target.pool[1]), NOW)
+    snap = state_file.snapshot(target.pool, [target.breaker], {}, NOW, 50_000.0, affinity)
+    path = tmp_path / "state"
+    state_file.save(path, snap)
+    again = Affinity()
+    loaded = state_file.load(path)
+    assert loaded is not None
+    state_file.restore(loaded, target.pool, [target.breaker], {}, 10.0, 50_010.0, again)
+    held = again.held(session_key("alice@example.com"), 10.0)
+    assert held is not None and (held.label, held.group) == ("k1", "g")
+    assert held.last == 0.0  # saved 10 s ago in wall time, so 10 s before now
+    assert b"alice" not in path.read_bytes()  # only the hash is kept
