@@ -175,10 +175,11 @@ chain = ["openai/gpt-4.1"]
     assert problem.key == "providers.openai.credentials[1].max_concurrent"
     assert problem.line == line_of(text, "max_concurrent")
 
+    # With a bad kind too, both are reported, each at its own line.
     dotted = text.replace('openai.kind = "openai"', 'openai.kind = "azure"')
-    problem = only_problem(dotted)
-    assert problem.key == "providers.openai.kind"
-    assert problem.line == 2
+    kind, count = problems_of(dotted)
+    assert (kind.key, kind.line) == ("providers.openai.kind", 2)
+    assert (count.key, count.line) == (problem.key, problem.line)
 
 
 def test_secret_pasted_into_config_is_refused_without_echoing_it() -> None:

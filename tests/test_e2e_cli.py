@@ -109,6 +109,42 @@ chain = ["a/dead", "b/alive"]
     assert_no_key(table.stdout + table.stderr + as_json.stdout + as_json.stderr, [key_a, key_b])
 
 
+def test_check_reports_every_schema_problem_and_can_leave_the_keys_out(short_dir: Path) -> None:
+    config = short_dir / "three.toml"
+    config.write_text(
+        """\
+[providers.openai]
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+strategy = "fastest"
+credentials = [{ label = "a", key_evn = "CHECK_TEST_KEY_UNSET" }]
+
+[routes.default]
+chain = ["openai/gpt-4.1"]
+deadline_s = "soon"
+"""
+    )
+    result = routerd("check", "--config", str(config))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert [line.split(": ")[1] for line in lines] == [
+        "providers.openai.strategy",
+        "providers.openai.credentials[0].key_evn",
+        "routes.default.deadline_s",
+    ]
+    assert "did you mean 'key_env'?" in lines[1]
+    assert f"{config}: 3 problem(s)" in result.stderr
+
+    # On a build machine: the file is checked, the key variable is not looked for.
+    fixed = config.read_text().replace('strategy = "fastest"\n', "")
+    fixed = fixed.replace("key_evn", "key_env").replace('deadline_s = "soon"', "deadline_s = 60")
+    config.write_text(fixed)
+    assert routerd("check", "--config", str(config)).returncode == 1  # its key is not set
+    result = routerd("check", "--no-secrets", "--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ok, as a file" in result.stdout and "not read" in result.stdout
+
+
 def test_version_is_printed() -> None:
     result = routerd("--version")
     assert result.returncode == 0

@@ -7,6 +7,7 @@ error into one ConfigProblem; routerd.config re-exports the public names.
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import re
 import tomllib
@@ -18,7 +19,17 @@ import msgspec
 
 from routerd.config.tomlpos import KeyPath, TomlPositions, format_key
 
-__all__ = ["ConfigError", "ConfigProblem", "ProblemList", "schema_problem", "syntax_problem"]
+__all__ = [
+    "ConfigError",
+    "ConfigProblem",
+    "ProblemList",
+    "schema_problem",
+    "schema_problems",
+    "syntax_problem",
+]
+
+# A file with more schema problems than this is reported in part (the rest after a fix).
+SCHEMA_PROBLEMS_MAX = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +144,88 @@ def schema_problem(
     problems = ProblemList(source, text)
     problems.add(path, message)
     return problems.problems[0]
+
+
+def schema_problems(raw: Any, root: type, source: str, text: str) -> list[ConfigProblem]:
+    """Every schema problem of ``raw`` as ``root``, not only msgspec's first.
+
+    msgspec stops at the first error; each is repaired in a copy of the document (an unknown
+    key dropped, a missing or wrong value replaced by a stand-in of the right type) and the
+    conversion tried again, so one run names every bad key.
+    """
+    doc = copy.deepcopy(raw)
+    problems = ProblemList(source, text)
+    repaired: set[KeyPath] = set()
+    for _ in range(SCHEMA_PROBLEMS_MAX):
+        try:
+            msgspec.convert(doc, root)
+        except msgspec.ValidationError as exc:
+            path, message = _explain(str(exc), doc, root)
+            problems.add(path, message)
+            if path in repaired or not _repair(str(exc), doc, root):
+                break  # no stand-in satisfies it: what is reported so far stands
+            repaired.add(path)
+        else:
+            break
+    return problems.problems
+
+
+def _repair(error: str, doc: Any, root: type) -> bool:
+    """Change ``doc`` so that the error is gone; False when it cannot."""
+    m = _SCHEMA_AT.match(error)
+    message, path_text = (m.group("msg"), m.group("path")) if m else (error, "")
+    path, typ, _ = _follow(path_text, doc, root)
+    container = _at(doc, path)
+    if m := re.fullmatch(r"Object contains unknown field `(.+)`", message):
+        if isinstance(container, dict):
+            container.pop(m.group(1), None)
+            return True
+        return False
+    if m := re.fullmatch(r"Object missing required field `(.+)`", message):
+        field_type = _struct_fields(typ).get(m.group(1))
+        if isinstance(container, dict) and field_type is not None:
+            container[m.group(1)] = _stand_in(field_type)
+            return True
+        return False
+    parent = _at(doc, path[:-1]) if path else None
+    if isinstance(parent, dict | list) and path:
+        parent[path[-1]] = _stand_in(typ)  # type: ignore[index]
+        return True
+    return False
+
+
+def _at(doc: Any, path: KeyPath) -> Any:
+    for step in path:
+        if isinstance(doc, dict):
+            doc = doc.get(step)
+        elif isinstance(doc, list) and isinstance(step, int) and step < len(doc):
+            doc = doc[step]
+        else:
+            return None
+    return doc
+
+
+def _stand_in(typ: Any) -> Any:
+    """A value of type ``typ`` that converts (for the repair of a copy, never used)."""
+    if type(None) in get_args(typ):
+        return None
+    typ = _strip_optional(typ)
+    origin = get_origin(typ)
+    if origin is Literal:
+        return get_args(typ)[0]
+    if origin is list:
+        return []
+    if origin is dict:
+        return {}
+    if get_args(typ) and hasattr(typ, "__metadata__"):
+        typ = get_args(typ)[0]  # Annotated[int, Meta(ge=1)] and the like
+    stand_ins: dict[Any, Any] = {str: "x", int: 1, float: 1.0, bool: False}
+    if typ in stand_ins:
+        return stand_ins[typ]
+    fields = _struct_fields(typ)
+    if fields:
+        return {}
+    return None
 
 
 def _explain(error: str, raw: Any, root: type) -> tuple[KeyPath, str]:
