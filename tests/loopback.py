@@ -54,20 +54,29 @@ class Loopback:
     """One server; ``handler`` answers the next requests. ``peers`` records the client's
     address of each request, so a test can see a connection reused."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, server_keepalive_s: float = 75.0, client_keepalive_s: float | None = None
+    ) -> None:
+        self.server_keepalive_s = server_keepalive_s
+        self.client_keepalive_s = client_keepalive_s
         self.handler: Handler | None = None
         self.peers: list[Any] = []
         self.session: UpstreamSession | None = None
         self._runner: web.ServerRunner | None = None
 
     async def start(self) -> None:
-        server = web.Server(self._handle, handler_cancellation=True)
+        server = web.Server(
+            self._handle, handler_cancellation=True, keepalive_timeout=self.server_keepalive_s
+        )
         self._runner = web.ServerRunner(server)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        self.session = UpstreamSession(16, resolver=_ToLoopback(port))
+        keepalive = (
+            {} if self.client_keepalive_s is None else {"keepalive_s": self.client_keepalive_s}
+        )
+        self.session = UpstreamSession(16, resolver=_ToLoopback(port), **keepalive)
 
     async def stop(self) -> None:
         if self.session is not None:
@@ -133,9 +142,9 @@ async def wait_until(condition: Callable[[], bool], seconds: float = 5.0) -> Non
             await anyio.sleep(0.01)
 
 
-async def serve() -> AsyncIterator[Loopback]:
+async def serve(**options: float) -> AsyncIterator[Loopback]:
     """The body of a fixture: one started server per test."""
-    loopback = Loopback()
+    loopback = Loopback(**options)
     await loopback.start()
     try:
         yield loopback

@@ -11,6 +11,7 @@ import anyio
 import httpx
 import msgspec
 import pytest
+import uvicorn
 
 from routerd.core.calls import Call
 from routerd.core.outcome import FailureClass, UpstreamFailure
@@ -18,6 +19,7 @@ from routerd.upstream.base import Adapter
 from routerd.upstream.common import timeout, translate_http_error
 from routerd.upstream.openai import OpenAIAdapter
 from routerd.upstream.registry import adapter_for
+from routerd.upstream.session import KEEPALIVE_S
 from tests.loopback import Disconnect, Handler, Loopback, serve, wait_until
 
 KEY = "sk-proj-Q2x7LmN4pR8sT1vW3yZ5aB6cD9eF0gH2jK4lM7nP1qR3sT5uV8wX0yZ2"
@@ -294,6 +296,25 @@ async def test_a_reply_slower_than_the_read_timeout_is_a_read_timeout() -> None:
         await adapter(slow).complete(make_call(timeout=0.3))
     assert caught.value.failure.cls is FailureClass.TARGET_DOWN
     assert caught.value.failure.message.startswith("read timeout after 0.3s")
+
+
+async def test_idle_connections_retire_before_common_servers_close_them() -> None:
+    # uvicorn (the mock provider's server) closes an idle keep-alive connection after 5 s;
+    # reusing one at that moment races the close and fails the call.
+    assert uvicorn.Config(app="routerd.mock.app:MockApp").timeout_keep_alive > KEEPALIVE_S
+
+
+async def test_a_connection_idle_past_the_keepalive_is_not_reused() -> None:
+    async for loopback in serve(server_keepalive_s=1.0, client_keepalive_s=0.3):
+        assert loopback.session is not None
+        openai = OpenAIAdapter(loopback.session)
+        loopback.handler = reply(200, COMPLETION)
+        await openai.complete(make_call())
+        await openai.complete(make_call())  # at once: the same connection
+        await anyio.sleep(0.6)  # idle past the session's keep-alive, not the server's
+        await openai.complete(make_call())
+        first, again, after_idle = loopback.peers
+        assert first == again and after_idle != first
 
 
 async def test_a_redirect_is_not_followed() -> None:

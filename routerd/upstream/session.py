@@ -16,8 +16,11 @@ from aiohttp.abc import AbstractResolver
 
 __all__ = ["UpstreamSession"]
 
-# httpx's default: shorter than the idle timeout of the servers providers run.
-KEEPALIVE_S = 5.0
+# An idle connection is not reused after this long: below the shortest idle timeout servers
+# commonly use (uvicorn's and Node's 5 s), so routerd never sends on a connection the
+# server is closing. At 5 s the two raced: a breaker's probe after 5 quiet seconds could
+# meet "server disconnected", fail, and keep the target open twice as long.
+KEEPALIVE_S = 4.0
 
 
 class UpstreamSession:
@@ -28,11 +31,18 @@ class UpstreamSession:
     server on loopback).
     """
 
-    __slots__ = ("_max_connections", "_resolver", "_session")
+    __slots__ = ("_keepalive_s", "_max_connections", "_resolver", "_session")
 
-    def __init__(self, max_connections: int, *, resolver: AbstractResolver | None = None) -> None:
+    def __init__(
+        self,
+        max_connections: int,
+        *,
+        resolver: AbstractResolver | None = None,
+        keepalive_s: float = KEEPALIVE_S,
+    ) -> None:
         self._max_connections = max_connections
         self._resolver = resolver
+        self._keepalive_s = keepalive_s
         self._session: aiohttp.ClientSession | None = None
 
     def get(self) -> aiohttp.ClientSession:
@@ -42,7 +52,7 @@ class UpstreamSession:
             connector = aiohttp.TCPConnector(
                 limit=self._max_connections,
                 limit_per_host=0,
-                keepalive_timeout=KEEPALIVE_S,
+                keepalive_timeout=self._keepalive_s,
                 resolver=self._resolver,
             )
             # No cookies: an API call carries its credentials in its headers, and a cookie a
