@@ -96,3 +96,30 @@ def test_held_sessions_survive_the_state_file(tmp_path: Path) -> None:
     assert held is not None and (held.label, held.group) == ("k1", "g")
     assert held.last == 0.0  # saved 10 s ago in wall time, so 10 s before now
     assert b"alice" not in path.read_bytes()  # only the hash is kept
+
+
+def test_cache_group_and_long_context_reach_the_credential_from_the_config() -> None:
+    from routerd.build import credential_state
+    from routerd.config.load import parse_config
+    from routerd.config.secrets import resolve_secrets
+
+    config = parse_config(
+        """
+[providers.a]
+kind = "anthropic"
+base_url = "https://api.anthropic.com"
+credentials = [
+  { label = "team", key_env = "K1", cache_group = "org-1" },
+  { label = "solo", key_env = "K2", long_context = false },
+]
+
+[routes.r]
+chain = ["a/claude"]
+"""
+    )
+    secrets = resolve_secrets(
+        config, environ={"K1": "sk-ant-aaaaaaaaaaaa1", "K2": "sk-ant-bbbbbbbbbbbb2"}
+    )
+    team, solo = (credential_state(s, config, n) for n, s in enumerate(secrets))
+    assert (team.cache_group, team.long_context) == ("org-1", True)
+    assert (solo.cache_group, solo.long_context) == (None, False)

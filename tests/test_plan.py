@@ -412,3 +412,34 @@ def test_a_large_pool_never_picks_a_key_changed_behind_the_routing_core() -> Non
     quick = plan([t], 10, now, first_only=True)
     assert not quick.candidates and quick.blocked is FailureClass.QUOTA_EXHAUSTED
     assert quick.free_at == pytest.approx(now + 30)
+
+
+def test_a_key_without_long_context_is_never_tried_for_a_long_request() -> None:
+    # long_context = false on the credential: no probe, no 429 to learn it from.
+    short_only = cred("short", 0, proven=True, long_context=False)
+    both = cred("both", 1, proven=True)
+    t = target(
+        "p/m", [short_only, both], "fill_first", context_window=8_000, long_context_window=100_000
+    )
+    long_plan = plan([t], 50_000, 100.0)
+    assert [(c.credential.label, c.long) for c in long_plan.candidates] == [("both", True)]
+    short_plan = plan([t], 1_000, 100.0)
+    assert [c.credential.label for c in short_plan.candidates] == ["short", "both"]
+    # The only key left for long requests gone: the client hears of the long lane, not of a
+    # window that will never open on the short-only key.
+    both.long_lane_until = 130.0
+    blocked = plan([t], 50_000, 100.0)
+    assert blocked.candidates == [] and blocked.long_lane_back_at == 130.0
+
+
+def test_a_pool_with_no_long_context_key_holds_no_long_request() -> None:
+    t = target(
+        "p/m",
+        [cred("a", 0, proven=True, long_context=False)],
+        "fill_first",
+        context_window=8_000,
+        long_context_window=100_000,
+    )
+    decision = plan([t], 50_000, 100.0)
+    assert decision.candidates == [] and decision.free_at is None
+    assert decision.blocked is FailureClass.CONTEXT_OVERFLOW

@@ -343,6 +343,10 @@ def _usable_credentials(
     for credential in target.pool:
         if (credential.provider, credential.label) in exclusions.credentials:
             continue
+        if long and not credential.long_context:
+            # This key has no long-context tier: its lane never opens, so it sets no time.
+            result.blocked = _blocker(result.blocked, FailureClass.CONTEXT_OVERFLOW)
+            continue
         if long and not credential.long_lane_open(now):
             result.long_lane_back_at = _earliest(
                 result.long_lane_back_at, credential.long_lane_until
