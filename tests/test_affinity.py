@@ -123,3 +123,26 @@ chain = ["a/claude"]
     team, solo = (credential_state(s, config, n) for n, s in enumerate(secrets))
     assert (team.cache_group, team.long_context) == ("org-1", True)
     assert (solo.cache_group, solo.long_context) == (None, False)
+
+
+def test_new_conversations_spread_over_the_first_target_not_to_a_fallback() -> None:
+    primary = pool(None, None)
+    backup = Target(
+        "b/m",
+        "b",
+        "m",
+        "openai",
+        "fill_first",
+        Breaker("b/m", proven=True),
+        [CredentialState("b", "only", "sha256:b", 0, proven=True)],
+    )
+    affinity = Affinity()
+    placed = []
+    for name in ("a", "b", "c", "d"):
+        decision = plan([primary, backup], 100, NOW)
+        candidate, outcome, _ = affinity.choose(
+            session_key(name), decision.candidates, lambda h: None, lambda h: "", NOW
+        )
+        assert outcome == NEW
+        placed.append((candidate.target.name, candidate.credential.label))
+    assert placed == [("p/m", "k0"), ("p/m", "k1"), ("p/m", "k0"), ("p/m", "k1")]

@@ -95,10 +95,12 @@ class Affinity:
             self._load[(held.provider, held.label)] -= 1
 
     def _least_held(self, candidates: Sequence[Candidate]) -> Candidate:
-        """Among the plan's candidates, the one holding the fewest conversations (the
-        plan's order breaks ties)."""
+        """Among the keys of the plan's first target, the one holding the fewest
+        conversations (the plan's order breaks ties): the chain's order still decides the
+        target, a fallback is not taken to spread conversations."""
+        first = candidates[0].target
         return min(
-            candidates,
+            (c for c in candidates if c.target is first),
             key=lambda c: self._load[(c.credential.provider, c.credential.label)],
         )
 
