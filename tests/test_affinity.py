@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from routerd import state as state_file
-from routerd.core.affinity import GROUP, MOVED, NEW, STICKY, Affinity, session_in, session_key
+from routerd.core.affinity import (
+    GROUP,
+    MOVED,
+    NEW,
+    STICKY,
+    Affinity,
+    Held,
+    session_in,
+    session_key,
+)
 from routerd.core.breaker import Breaker
 from routerd.core.credential import CredentialState, Health
 from routerd.core.plan import Candidate, Target, held_pair, plan
@@ -25,14 +34,10 @@ def turn(affinity: Affinity, key: str, target: Target, now: float = NOW) -> tupl
     """Place one turn as the dispatcher does, serve it, and say where it went and why."""
     decision = plan([target], 100, now)
 
-    def check(held: object) -> tuple[Candidate | None, str]:
-        h = affinity.held(key, now)
-        assert h is not None
-        return held_pair([target], h.target, h.provider, h.label, 100, now)
+    def check(held: Held) -> tuple[Candidate | None, str]:
+        return held_pair([target], held.target, held.provider, held.label, 100, now)
 
-    candidate, outcome, reason = affinity.choose(
-        key, decision.candidates, lambda h: check(h)[0], lambda h: check(h)[1], now
-    )
+    candidate, outcome, reason = affinity.choose(key, decision.candidates, check, now)
     affinity.served(key, candidate, now)
     return candidate.credential.label, outcome, reason
 
@@ -141,7 +146,7 @@ def test_new_conversations_spread_over_the_first_target_not_to_a_fallback() -> N
     for name in ("a", "b", "c", "d"):
         decision = plan([primary, backup], 100, NOW)
         candidate, outcome, _ = affinity.choose(
-            session_key(name), decision.candidates, lambda h: None, lambda h: "", NOW
+            session_key(name), decision.candidates, lambda h: (None, ""), NOW
         )
         assert outcome == NEW
         placed.append((candidate.target.name, candidate.credential.label))

@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from routerd.core.credential import CredentialState
 from routerd.core.plan import Candidate
 
 # Why a conversation's turn went where it went, as metrics and status count them.
@@ -57,11 +56,6 @@ def session_in(body: dict[str, Any]) -> str | None:
     return None
 
 
-def group_of(credential: CredentialState) -> str | None:
-    """The credential's cache group: its configured one, else the credential itself."""
-    return credential.cache_group
-
-
 class Affinity:
     """The conversations routerd keeps on their credentials."""
 
@@ -89,6 +83,14 @@ class Affinity:
             return None
         return held
 
+    def _expire(self, now: float) -> None:
+        """Forget the conversations idle past ``idle_s`` (the oldest are first in line)."""
+        while self._held:
+            key, held = next(iter(self._held.items()))
+            if now - held.last <= self.idle_s:
+                return
+            self._forget(key)
+
     def _forget(self, key: str) -> None:
         held = self._held.pop(key, None)
         if held is not None:
@@ -108,15 +110,14 @@ class Affinity:
         self,
         key: str,
         candidates: Sequence[Candidate],
-        sticky: Callable[[Held], Candidate | None],
-        why_not: Callable[[Held], str],
+        check: Callable[[Held], tuple[Candidate | None, str]],
         now: float,
     ) -> tuple[Candidate, str, str]:
         """The candidate for this turn, with its outcome and reason.
 
-        ``candidates`` is the plan in order (not empty); ``sticky`` finds the held pair
-        when it can take this turn now (the plan may list only its first candidate);
-        ``why_not`` names why it cannot.
+        ``candidates`` is the plan in order (not empty); ``check`` gives the held pair as a
+        candidate when it can take this turn now (the plan may list only its first
+        candidate), else None and why not.
         """
         held = self.held(key, now)
         if held is None:
@@ -124,15 +125,14 @@ class Affinity:
             chosen = self._least_held(candidates)
             self.served(key, chosen, now)
             return chosen, NEW, ""
-        found = sticky(held)
+        found, reason = check(held)
         if found is not None:
             return found, STICKY, ""
         if held.group is not None:
             for candidate in candidates:
                 credential = candidate.credential
-                if credential.provider == held.provider and group_of(credential) == held.group:
-                    return candidate, GROUP, why_not(held)
-        reason = why_not(held)
+                if credential.provider == held.provider and credential.cache_group == held.group:
+                    return candidate, GROUP, reason
         chosen = self._least_held(candidates)
         self.served(key, chosen, now)
         return chosen, MOVED, reason
@@ -140,11 +140,20 @@ class Affinity:
     def served(self, key: str, candidate: Candidate, now: float) -> None:
         """A turn of ``key`` was served by ``candidate``: the conversation is held there."""
         credential = candidate.credential
-        self._forget(key)
-        self._held[key] = Held(
-            candidate.target.name, credential.provider, credential.label, group_of(credential), now
+        held = Held(
+            candidate.target.name,
+            credential.provider,
+            credential.label,
+            credential.cache_group,
+            now,
         )
-        self._load[(credential.provider, credential.label)] += 1
+        self._hold(key, held)
+
+    def _hold(self, key: str, held: Held) -> None:
+        """Hold ``key`` at ``held``, newest last, dropping the oldest past ``max_sessions``."""
+        self._forget(key)
+        self._held[key] = held
+        self._load[(held.provider, held.label)] += 1
         while len(self._held) > self.max_sessions:
             self._forget(next(iter(self._held)))
 
@@ -153,9 +162,8 @@ class Affinity:
 
     def per_credential(self, now: float) -> Counter[tuple[str, str]]:
         """How many live conversations each (provider, label) holds."""
-        return Counter(
-            (h.provider, h.label) for h in self._held.values() if now - h.last <= self.idle_s
-        )
+        self._expire(now)
+        return +self._load  # without the credentials that hold none
 
     def entries(self) -> Iterable[tuple[str, Held]]:
         """Every conversation held, oldest first (for the state file)."""
@@ -164,8 +172,4 @@ class Affinity:
     def restore(self, key: str, held: Held) -> None:
         """Take back one conversation from the state file."""
         if self.enabled:
-            self._forget(key)
-            self._held[key] = held
-            self._load[(held.provider, held.label)] += 1
-            while len(self._held) > self.max_sessions:
-                self._forget(next(iter(self._held)))
+            self._hold(key, held)

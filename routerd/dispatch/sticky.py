@@ -36,13 +36,7 @@ def place(affinity: Affinity, job: Turn, decision: Plan, now: float, *, count: b
             exclusions=job.exclusions,
         )
 
-    candidate, outcome, reason = affinity.choose(
-        job.session,
-        decision.candidates,
-        lambda held: check(held)[0],
-        lambda held: check(held)[1],
-        now,
-    )
+    candidate, outcome, reason = affinity.choose(job.session, decision.candidates, check, now)
     if count:
         affinity.count(outcome, reason)
     return candidate
