@@ -5,13 +5,14 @@ from __future__ import annotations
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from routerd.launch import DaemonProcess
 from routerd.mock import MockProcess, MockSpec, start_mock_process
+from tests.loopback import SERVING, Loopback, serve
 
 
 def canary(label: str) -> str:
@@ -67,3 +68,15 @@ def daemon(short_dir: Path) -> Iterator[DaemonFactory]:
     yield start
     for process in started:
         process.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Loopback]:
+    """A server on loopback for an adapter test; every host name resolves to it, and
+    ``tests.loopback.answering`` aims it."""
+    async for loopback in serve():
+        SERVING.append(loopback)
+        try:
+            yield loopback
+        finally:
+            SERVING.remove(loopback)

@@ -150,3 +150,15 @@ async def serve(**options: float) -> AsyncIterator[Loopback]:
         yield loopback
     finally:
         await loopback.stop()
+
+
+# The servers of the tests running now; the newest is the current test's (``upstream``).
+SERVING: list[Loopback] = []
+
+
+def answering(handler: Handler) -> UpstreamSession:
+    """The current test's session, its server now answering with ``handler``."""
+    loopback = SERVING[-1]
+    loopback.handler = handler
+    assert loopback.session is not None
+    return loopback.session

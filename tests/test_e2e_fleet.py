@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -136,6 +137,28 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - started
 
 
+def all_connected(hosts: Iterable[DaemonProcess], timeout: float = 10, what: str = "") -> None:
+    """Wait until every host says its shared state is connected."""
+    for host in hosts:
+        wait_until(partial(shared_connected, host), timeout, what or "connected to redis")
+
+
+async def burst_each(
+    hosts: Iterable[DaemonProcess], total: int, concurrency: int
+) -> tuple[list[object], float]:
+    """``total`` requests on each host, all hosts at once: every result, and the wall time."""
+    results: list[object] = []
+
+    async def run(host: DaemonProcess) -> None:
+        results.extend(await burst(host.socket_path, "pool", total, concurrency))
+
+    started = time.monotonic()
+    async with anyio.create_task_group() as group:
+        for host in hosts:
+            group.start_soon(run, host)
+    return results, time.monotonic() - started
+
+
 def ask(routerd: DaemonProcess, n: int = 1) -> None:
     with Client(str(routerd.socket_path)) as client:
         for i in range(n):
@@ -154,8 +177,7 @@ def two_hosts(
     for name in ("a", "b"):
         config = fleet_config(mock, keys, redis, short_dir / f"{name}.state")
         hosts.append(daemon(config, env=env_for(keys), name=name))
-    for host in hosts:
-        wait_until(lambda h=host: shared_connected(h), 10, "connected to redis")  # type: ignore[misc]
+    all_connected(hosts)
     return mock, hosts[0], hosts[1]
 
 
@@ -214,19 +236,8 @@ async def test_the_pool_burst_split_over_two_hosts_stays_inside_the_provider_win
     for name in ("a", "b"):
         config = fleet_config(mock, keys, redis_server, short_dir / name, strategy="headroom")
         hosts.append(daemon(config, env=env_for(keys), name=name))
-    for host in hosts:
-        wait_until(lambda h=host: shared_connected(h), 10, "connected to redis")  # type: ignore[misc]
-
-    results: list[object] = []
-
-    async def run(host: DaemonProcess) -> None:
-        results.extend(await burst(host.socket_path, "pool", 60, 8))
-
-    started = time.monotonic()
-    async with anyio.create_task_group() as group:
-        for host in hosts:
-            group.start_soon(run, host)
-    wall = time.monotonic() - started
+    all_connected(hosts)
+    results, wall = await burst_each(hosts, 60, 8)
     failures = [r for r in results if isinstance(r, Exception)]
     assert failures == [], failures[:3]
     assert len(results) == 120
@@ -260,8 +271,7 @@ async def test_redis_killed_mid_run_fails_nothing_and_the_hosts_converge_after(
     host_b = daemon(
         fleet_config(mock, keys, redis_server, short_dir / "b.s"), env=env_for(keys), name="b"
     )
-    for host in (host_a, host_b):
-        wait_until(lambda h=host: shared_connected(h), 10, "connected to redis")  # type: ignore[misc]
+    all_connected((host_a, host_b))
 
     results: list[object] = []
 
@@ -284,8 +294,7 @@ async def test_redis_killed_mid_run_fails_nothing_and_the_hosts_converge_after(
     assert len(results) == 400
 
     redis_server.start()
-    for host in (host_a, host_b):
-        wait_until(lambda h=host: shared_connected(h), 15, "reconnected after the restart")  # type: ignore[misc]
+    all_connected((host_a, host_b), 15, "reconnected after the restart")
     wait_until(
         lambda: credential_state(host_b, "broke") == "parked", 5, "host a re-published its park"
     )
@@ -336,20 +345,9 @@ async def test_configured_rpm_and_max_concurrent_hold_for_the_fleet(
             'key_env = "KEY_CAPPED" }', 'key_env = "KEY_CAPPED", rpm = 4, max_concurrent = 1 }'
         )
         hosts.append(daemon(config, env=env_for(keys), name=name))
-    for host in hosts:
-        wait_until(lambda h=host: shared_connected(h), 10, "connected to redis")  # type: ignore[misc]
+    all_connected(hosts)
     ask(hosts[0])  # the key is proven; what follows is limits only
-
-    results: list[object] = []
-
-    async def three(host: DaemonProcess) -> None:
-        results.extend(await burst(host.socket_path, "pool", 3, 3))
-
-    started = time.monotonic()
-    async with anyio.create_task_group() as group:
-        for host in hosts:
-            group.start_soon(three, host)
-    wall = time.monotonic() - started
+    results, wall = await burst_each(hosts, 3, 3)
     served = [r for r in results if not isinstance(r, Exception)]
     # rpm = 4 for the fleet, one used already: three of the six go, the rest are told at
     # once that the key is full for a minute (past their deadline), not sent.

@@ -16,7 +16,7 @@ from routerd.core.outcome import Failure, FailureClass, UpstreamFailure
 from routerd.dispatch.attempt import merge_tool_calls
 from routerd.upstream.anthropic import AnthropicAdapter
 from routerd.upstream.registry import adapter_for
-from tests.loopback import Handler, Loopback, serve, wait_until
+from tests.loopback import Handler, Loopback, answering, wait_until
 
 KEY = "sk-ant-api03-canary-Hq7Lm2Np4Rs6Tu8Vw0Xy3Za5Bc7De9Fg1Hj3Kl5Mn7Pq9Rs1Tu3Vw5-AbCdEfGh"
 NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC).timestamp()
@@ -54,25 +54,12 @@ def make_call(**kw: Any) -> Call:
     return Call(**args)
 
 
-SERVER: list[Loopback] = []
-
-
-@pytest.fixture(autouse=True)
-async def upstream() -> AsyncIterator[Loopback]:
-    """A server on loopback for the test; every host name resolves to it."""
-    async for loopback in serve():
-        SERVER.append(loopback)
-        try:
-            yield loopback
-        finally:
-            SERVER.remove(loopback)
+# Every test here talks to its own server on loopback (the ``upstream`` fixture).
+pytestmark = pytest.mark.usefixtures("upstream")
 
 
 def adapter(handler: Handler) -> AnthropicAdapter:
-    loopback = SERVER[-1]
-    loopback.handler = handler
-    assert loopback.session is not None
-    return AnthropicAdapter(loopback.session, clock=lambda: NOW)
+    return AnthropicAdapter(answering(handler), clock=lambda: NOW)
 
 
 def reply(

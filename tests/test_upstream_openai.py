@@ -20,7 +20,7 @@ from routerd.upstream.common import timeout, translate_http_error
 from routerd.upstream.openai import OpenAIAdapter
 from routerd.upstream.registry import adapter_for
 from routerd.upstream.session import KEEPALIVE_S
-from tests.loopback import Disconnect, Handler, Loopback, serve, wait_until
+from tests.loopback import Disconnect, Handler, Loopback, answering, serve, wait_until
 
 KEY = "sk-proj-Q2x7LmN4pR8sT1vW3yZ5aB6cD9eF0gH2jK4lM7nP1qR3sT5uV8wX0yZ2"
 
@@ -47,25 +47,12 @@ def make_call(**kw: Any) -> Call:
     return Call(**args)
 
 
-SERVER: list[Loopback] = []
-
-
-@pytest.fixture(autouse=True)
-async def upstream() -> AsyncIterator[Loopback]:
-    """A server on loopback for the test; every host name resolves to it."""
-    async for loopback in serve():
-        SERVER.append(loopback)
-        try:
-            yield loopback
-        finally:
-            SERVER.remove(loopback)
+# Every test here talks to its own server on loopback (the ``upstream`` fixture).
+pytestmark = pytest.mark.usefixtures("upstream")
 
 
 def adapter(handler: Handler, **kw: Any) -> OpenAIAdapter:
-    loopback = SERVER[-1]
-    loopback.handler = handler
-    assert loopback.session is not None
-    return OpenAIAdapter(loopback.session, **kw)
+    return OpenAIAdapter(answering(handler), **kw)
 
 
 def reply(
