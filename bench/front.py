@@ -184,6 +184,40 @@ class Child:
             self.process.wait()
 
 
+def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) used so far by each root process and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        # After the command: state, ppid, ... utime (the 14th field) and stime (the 15th).
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = int(fields[11]) + int(fields[12])
+    totals = {}
+    for name, root in roots.items():
+        ticks = 0
+        for pid, spent in used.items():
+            node = pid
+            while node > 1 and node != root:
+                node = parent.get(node, 0)
+            if node == root:
+                ticks += spent
+        totals[name] = ticks / tick
+    return totals
+
+
+def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
+    """CPU seconds so far of this benchmark and of each watched process (with its children)."""
+    return {"benchmark": time.process_time()} | cpu_seconds(roots)
+
+
 def start_responder(chunks: int) -> tuple[Child, int]:
     """The responder process and its port."""
     process = subprocess.Popen(
@@ -424,6 +458,9 @@ class Figures:
     streams: int = 0
     errors: dict[str, int] = field(default_factory=dict)
     sample_error: str = ""
+    # CPU seconds each process spent during the throughput runs, and the requests served.
+    cpu: dict[str, float] = field(default_factory=dict)
+    cpu_requests: int = 0
 
     def failed(self, exc: BaseException) -> None:
         """Count one failure by its type, keeping one message."""
@@ -474,12 +511,19 @@ async def latency(call: Call, total: int, figures: Figures) -> None:
         figures.latency_ms.append((time.perf_counter() - started) * 1000)
 
 
-async def throughput(call: Call, total: int, concurrency: int, figures: Figures) -> None:
-    """Requests served per second at ``concurrency`` (connections opened beforehand)."""
+async def throughput(
+    call: Call, total: int, concurrency: int, figures: Figures, roots: dict[str, int]
+) -> None:
+    """Requests served per second at ``concurrency`` (connections opened beforehand), and
+    the CPU time each process spent on them."""
     await run_many(call, concurrency, concurrency, Figures())
+    cpu_before = cpu_snapshot(roots)
     started = time.perf_counter()
     served, _ = await run_many(call, total, concurrency, figures)
     seconds = time.perf_counter() - started
+    for name, used in cpu_snapshot(roots).items():
+        figures.cpu[name] = figures.cpu.get(name, 0.0) + used - cpu_before[name]
+    figures.cpu_requests += served
     before = figures.throughput.get(concurrency, (0, 0.0))
     figures.throughput[concurrency] = (before[0] + served, before[1] + seconds)
 
@@ -524,8 +568,10 @@ async def measure(
     http_front: str,
     token: str,
     litellm: tuple[str, str] | None,
+    roots: dict[str, int],
 ) -> dict[str, Figures]:
-    """Every measurement on every path, interleaved in rounds."""
+    """Every measurement on every path, interleaved in rounds; ``roots`` names the processes
+    whose CPU time is counted (the responder, routerd, LiteLLM's proxy)."""
     limit = max(*plan.concurrencies, plan.stream_concurrency) + 8
     timeout = aiohttp.ClientTimeout(total=120)
     sessions: list[aiohttp.ClientSession] = []
@@ -567,7 +613,7 @@ async def measure(
                     call, stream = paths[name]
                     await latency(call, per_round, figures[name])
                     for concurrency in plan.concurrencies:
-                        await throughput(call, per_round, concurrency, figures[name])
+                        await throughput(call, per_round, concurrency, figures[name], roots)
                     await first_chunk(stream, max(1, per_round // 2), figures[name])
                     await relay(stream, streams_per_round, plan.stream_concurrency, figures[name])
                 print(
@@ -682,6 +728,28 @@ def report(figures: dict[str, Figures], plan: Plan, chunks: int) -> None:
         ],
         stream_rows,
     )
+    processes = list(direct.cpu)
+    cores = os.cpu_count() or 1
+    cpu_rows = []
+    for name, fig in figures.items():
+        per_request = {p: 1000 * fig.cpu.get(p, 0.0) / max(1, fig.cpu_requests) for p in processes}
+        total = sum(per_request.values())
+        cpu_rows.append(
+            [
+                name,
+                *(f"{per_request[p]:.3f}" for p in processes),
+                f"{total:.3f}",
+                f"{1000 * cores / total:.0f}" if total else "",
+                f"{fig.cpu_requests / sum(fig.throughput[c][1] for c in fig.throughput):.0f}",
+            ]
+        )
+    print(
+        f"\nCPU per request in the throughput runs (ms; c{c_lo} and c{c_hi} together): every "
+        f"process shares the {cores} cores, so {cores} cores / total CPU per request bounds "
+        "what a path can serve"
+    )
+    print_table(["path", *processes, "total", "bound req/s", "req/s"], cpu_rows)
+
     failures = [(name, fig) for name, fig in figures.items() if fig.errors]
     print("\nfailed requests: " + ("none" if not failures else ""))
     for name, fig in failures:
@@ -749,6 +817,7 @@ def main() -> None:
             upstream = f"http://127.0.0.1:{port}/v1"
             http_port = free_port()
             daemon = stack.enter_context(start_routerd(workdir, upstream, http_port, token))
+            roots = {"responder": responder.process.pid, "routerd": daemon.process.pid}
             litellm: tuple[str, str] | None = None
             if not args.skip_litellm:
                 litellm_port = free_port()
@@ -756,11 +825,11 @@ def main() -> None:
                 print("starting LiteLLM's proxy ...", file=sys.stderr, flush=True)
                 launched = time.monotonic()
                 try:
-                    children.append(
-                        start_litellm(
-                            workdir, upstream, litellm_port, master_key, args.litellm_timeout
-                        )
+                    proxy = start_litellm(
+                        workdir, upstream, litellm_port, master_key, args.litellm_timeout
                     )
+                    children.append(proxy)
+                    roots["LiteLLM"] = proxy.process.pid
                 except (RuntimeError, OSError) as exc:
                     litellm_note = "did not start (why: above), its rows are left out"
                     print(f"LiteLLM's proxy did not start: {exc}", flush=True)
@@ -783,6 +852,7 @@ def main() -> None:
                     f"http://127.0.0.1:{http_port}",
                     token,
                     litellm,
+                    roots,
                 )
             )
             routerd_failed = any(figures[n].errors for n in (MSGPACK, HTTP_FRONT))

@@ -11,6 +11,7 @@ from pathlib import Path
 import msgspec
 
 from routerd import __version__
+from routerd.eventloop import loop_options
 
 
 def _socket_from(args: argparse.Namespace) -> str | None:
@@ -61,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     code = 0
     try:
-        anyio.run(daemon.run)
+        anyio.run(daemon.run, backend_options=loop_options(config.server.event_loop))
     except* RuntimeError as group:
         # A start-up failure (the socket is taken) is raised inside the daemon's task group,
         # so it arrives wrapped in an ExceptionGroup.

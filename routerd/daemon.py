@@ -44,12 +44,14 @@ from routerd.core.affinity import Affinity
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
+from routerd.eventloop import loop_name
 from routerd.fleet import FleetLink, connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
 from routerd.fronts.http.responses_store import StoreFile
 from routerd.fronts.msgpack.accept import listen_unix
 from routerd.fronts.msgpack.server import Connection, serve_clients
+from routerd.fronts.msgpack.stream import UnixListener
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
 from routerd.status import build_report
@@ -340,7 +342,7 @@ class Daemon:
 
     async def _listen(self, inherited: list[socket.socket]) -> SocketListener:
         if inherited:
-            return await SocketListener.from_socket(inherited[0])
+            return UnixListener(inherited[0])
         listener = await listen_unix(self.socket_path, self.config.server.socket_mode)
         self._owns_socket = True
         return listener
@@ -396,7 +398,11 @@ class Daemon:
 
                     connections.start_soon(accept)
                     log.info(
-                        "listening", socket=str(self.socket_path), pid=os.getpid(), max_conn=cap
+                        "listening",
+                        socket=str(self.socket_path),
+                        pid=os.getpid(),
+                        max_conn=cap,
+                        loop=loop_name(),
                     )
                     sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
                     task_status.started()

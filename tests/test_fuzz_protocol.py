@@ -53,6 +53,7 @@ from routerd.fronts.budget import BufferBudget
 from routerd.fronts.msgpack.framing import UNRESERVED_FRAME
 from routerd.fronts.msgpack.guard import MAX_DEPTH, check_chat, peek_id
 from routerd.fronts.msgpack.server import Connection
+from routerd.fronts.msgpack.stream import TransportStream
 from tests.conftest import DaemonFactory
 from tests.test_e2e_hostile import chat_frame, nested, start
 from tests.test_e2e_protocol import MockFactory, Raw, user
@@ -335,7 +336,7 @@ class Conversation:
     async def run(self, data: bytes, expected: Expected, *, then_eof: bool) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         connection = Connection(
-            await UNIXSocketStream.from_socket(theirs),
+            await TransportStream.attach(theirs),
             cast(Dispatcher, self.dispatcher),
             max_frame=MAX_FRAME,
             status=status_report,

@@ -117,6 +117,9 @@ class ServerConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # long one is held without a turn (0 conversations: no affinity).
     affinity_sessions: int = 10_000
     affinity_idle_s: float = 3600.0
+    # The event loop: uvloop when it is installed ("auto"), or always ("uvloop": an error
+    # when missing), or asyncio's own.
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"
 
 
 class StateConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

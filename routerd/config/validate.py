@@ -10,6 +10,7 @@ import pwd
 import re
 from urllib.parse import urlsplit
 
+from routerd import eventloop
 from routerd.config.problems import (
     ConfigProblem,
     ProblemList,
@@ -254,6 +255,11 @@ def _check_server(problems: ProblemList, server: ServerConfig) -> None:
     for index, name in enumerate(server.allowed_groups):
         if not name.isdigit() and not _group_exists(name):
             problems.add((*here, "allowed_groups", index), f"no group named {name!r} here")
+    if server.event_loop == "uvloop" and not eventloop.uvloop_installed():
+        problems.add(
+            (*here, "event_loop"),
+            'uvloop is not installed here: install it (pip install uvloop) or use "auto"',
+        )
     if server.log_level.lower() not in _LOG_LEVELS:
         problems.add(
             (*here, "log_level"),

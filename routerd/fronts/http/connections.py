@@ -1,12 +1,12 @@
 """The HTTP front's connections: cap per listener, request-head timeout, peer check, name.
 
-Also one log line per interval for accept() failures and refusals. uvicorn has no cap that
-bounds descriptors (``limit_concurrency`` still accepts every socket and answers 503 on it,
-keeping it open) and no timeout for a request head, so both live in a subclass of its
-httptools protocol, which sees each connection as it is made. The subclass goes in through
-``uvicorn.Config(http=...)``, uvicorn's documented way to choose the protocol class, and the
-sockets through ``Server.serve(sockets=...)``; nothing else of uvicorn's is replaced but its
-signal handlers (``serve.py`` says why).
+Also the accept loop, with one log line per interval for accept() failures and refusals.
+uvicorn has no cap that bounds descriptors (``limit_concurrency`` still accepts every socket
+and answers 503 on it, keeping it open) and no timeout for a request head, so both live in a
+subclass of its httptools protocol, which sees each connection as it is made. The subclass
+goes in through ``uvicorn.Config(http=...)``, uvicorn's documented way to choose the protocol
+class; the accept loop hands it each connection (``serve.py`` says why, and what else of
+uvicorn's is left out: its signal handlers).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import asyncio
 import math
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +23,7 @@ import anyio
 import structlog
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from routerd.fronts.accepting import BACKOFF_START_S, TRANSIENT_ERRNOS, next_backoff
 from routerd.fronts.peers import PeerPolicy, peer_of
 
 log = structlog.get_logger("routerd.front")
@@ -34,11 +35,6 @@ LOG_INTERVAL_S = 10.0
 CLIENT_KEY = "routerd.client"
 # The ASGI scope key of the request's Hangup: how the app learns its client left.
 HANGUP_KEY = "routerd.hangup"
-
-# What asyncio's accept loop reports when accept() fails for want of descriptors or memory.
-_ACCEPT_FAILED = "socket.accept() out of system resource"
-# It then retries that accept() this long after (asyncio.constants.ACCEPT_RETRY_DELAY).
-ACCEPT_RETRY_S = 1.0
 
 
 def _plain(status: bytes, message: bytes, *extra: bytes) -> bytes:
@@ -253,71 +249,41 @@ def front_protocol(
     return type("FrontProtocol", (FrontProtocol,), attributes)
 
 
-AsyncioHandler = Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object]
+ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
-class AcceptErrors:
-    """asyncio's reports of a failed accept() on the front's sockets, at most one a interval.
+async def accept_connections(
+    sock: socket.socket, protocol_factory: ProtocolFactory, failures: Throttle
+) -> None:
+    """Accept on ``sock`` until cancelled, each connection served by a new protocol.
 
-    When descriptors run out, asyncio's accept loop calls the loop's exception handler for
-    every retry of every pending connection (thousands a second, each with a traceback).
-    This handler turns those for our own listening sockets into one line per interval with
-    a count, and passes every other report on unchanged.
+    The front accepts itself rather than through ``loop.create_server``: when descriptors
+    run out, asyncio's server reports every retry to the loop's exception handler and
+    uvloop's accepts and drops the waiting connections without a word. Here a failed
+    accept() backs off while clients wait in the backlog, and says so once per interval.
     """
-
-    def __init__(self, sockets: Iterable[socket.socket], interval_s: float = LOG_INTERVAL_S):
-        self._fds = {sock.fileno() for sock in sockets}
-        self._throttle = Throttle(interval_s)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._previous: AsyncioHandler | None = None
-        self._last_failure = -math.inf
-
-    def retries_pending_s(self) -> float:
-        """How long asyncio may still retry a failed accept() (0 when none failed lately)."""
-        return max(0.0, self._last_failure + ACCEPT_RETRY_S + 0.1 - time.monotonic())
-
-    def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Become the loop's exception handler, in front of the one already there."""
-        self._loop = loop
-        self._previous = loop.get_exception_handler()
-        loop.set_exception_handler(self)
-
-    def uninstall(self) -> None:
-        """Put the previous handler back, unless someone has replaced ours since."""
-        if self._loop is not None and self._loop.get_exception_handler() is self:
-            self._loop.set_exception_handler(self._previous)
-        self._loop = None
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        """Report an accept() failure on our sockets sparingly; pass anything else on."""
-        message = str(context.get("message", ""))
-        sock = context.get("socket")
-        ours = sock is not None and sock.fileno() in self._fds
-        if message == _ACCEPT_FAILED and ours:
-            self._last_failure = time.monotonic()
-        elif self._retry_of_closed(message, context):
-            # asyncio schedules one retry per failed accept(), which raises once the
-            # listener is closed (at shutdown): noise about a socket that is gone.
-            return
-        else:
-            if self._previous is not None:
-                self._previous(loop, context)
-            else:
-                loop.default_exception_handler(context)
-            return
-        held = self._throttle.admit()
-        if held is None:
-            return
-        log.error(
-            "http_accept_failed",
-            error=str(context.get("exception")),
-            suppressed=held,
-            hint="out of file descriptors: raise LimitNOFILE or lower server.max_connections",
-        )
-
-    def _retry_of_closed(self, message: str, context: dict[str, Any]) -> bool:
-        return (
-            self._last_failure > -math.inf
-            and "._start_serving(" in message
-            and isinstance(context.get("exception"), ValueError)
-        )
+    loop = asyncio.get_running_loop()
+    backoff = BACKOFF_START_S
+    while True:
+        try:
+            client, _ = await loop.sock_accept(sock)
+        except OSError as exc:
+            if exc.errno not in TRANSIENT_ERRNOS:
+                raise
+            held = failures.admit()
+            if held is not None:
+                log.error(
+                    "http_accept_failed",
+                    error=str(exc),
+                    suppressed=held,
+                    hint="out of file descriptors: raise LimitNOFILE or lower "
+                    "server.max_connections",
+                )
+            await anyio.sleep(backoff)
+            backoff = next_backoff(backoff)
+            continue
+        backoff = BACKOFF_START_S
+        try:
+            await loop.connect_accepted_socket(protocol_factory, client)
+        except OSError:
+            client.close()  # the client left before its transport was made

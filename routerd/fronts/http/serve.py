@@ -30,7 +30,13 @@ from routerd.config.schema import ServerConfig
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http.app import FrontApp, FrontState
-from routerd.fronts.http.connections import AcceptErrors, Gate, front_protocol
+from routerd.fronts.http.connections import (
+    LOG_INTERVAL_S,
+    Gate,
+    Throttle,
+    accept_connections,
+    front_protocol,
+)
 from routerd.fronts.http.metrics import Metrics
 from routerd.fronts.http.responses_store import ResponseStore
 from routerd.fronts.peers import PeerPolicy
@@ -48,13 +54,38 @@ class FrontError(RuntimeError):
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn Server that leaves signals alone: the daemon's own receiver handles them."""
+    """A uvicorn Server that leaves signals alone (the daemon's own receiver handles them)
+    and whose sockets are accepted on by ``accept_connections``, not by an asyncio server.
+    """
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.serving = anyio.Event()
+        self.accepting = anyio.CancelScope()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         # uvicorn's version installs signal.signal() handlers, which would replace the
         # daemon's anyio signal receiver and swallow SIGTERM into uvicorn's own exit.
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        # No sockets for uvicorn to serve: the accept loops hand it their connections.
+        await super().startup(sockets=[])
+        self.serving.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.accepting.cancel()  # no new connection while the open ones are closed
+        await super().shutdown(sockets)
+
+    def new_protocol(self) -> asyncio.Protocol:
+        """A connection's protocol, made as uvicorn's own servers make it."""
+        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config,
+            server_state=self.server_state,
+            app_state=self.lifespan.state,
+        )
+        return protocol
 
 
 @dataclass(slots=True)
@@ -301,8 +332,6 @@ class HttpFront:
             protocol = front_protocol(gate, head_timeout_s, None)
             plan.append((_Server(self._config(app, protocol)), [t.sock for t in self.tcp]))
         self._servers = [server for server, _ in plan]
-        accept_errors = AcceptErrors(sock for _, socks in plan for sock in socks)
-        accept_errors.install(asyncio.get_running_loop())
         try:
             async with anyio.create_task_group() as tg:
                 for server, socks in plan:
@@ -317,12 +346,6 @@ class HttpFront:
                 task_status.started()
         finally:
             self._close_all()
-            # The retries of accept() that failed just before the close still fire; the
-            # handler that knows them for noise stays until they have.
-            if (pending := accept_errors.retries_pending_s()) > 0:
-                with anyio.CancelScope(shield=True):
-                    await anyio.sleep(pending)
-            accept_errors.uninstall()
             self._stopped.set()
 
     async def stop(self) -> None:
@@ -339,12 +362,20 @@ class HttpFront:
 
 
 async def _run(server: _Server, socks: list[socket.socket]) -> None:
-    try:
-        await server.serve(sockets=socks)
-    finally:
-        # Cancelled rather than stopped: uvicorn's shutdown never ran, so close its servers.
-        for asyncio_server in getattr(server, "servers", []):
-            asyncio_server.close()
+    failures = Throttle(LOG_INTERVAL_S)
+
+    async def accept(sock: socket.socket) -> None:
+        await server.serving.wait()
+        with server.accepting:
+            await accept_connections(sock, server.new_protocol, failures)
+
+    async with anyio.create_task_group() as tg:
+        for sock in socks:
+            tg.start_soon(accept, sock)
+        try:
+            await server.serve(sockets=[])
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def _close(listener: _Listener) -> None:

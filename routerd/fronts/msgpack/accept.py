@@ -1,10 +1,9 @@
 """The accept loop of a listening socket: a cap on open connections, and back-off on errors.
 
 Past the cap a connection is still accepted, so its client can be told why, and then turned
-away. When accept() itself fails because the process or the system is out of descriptors or
-memory, the loop waits (0.1 s doubling to 1 s) and tries again: the daemon keeps serving the
-connections it has and takes new ones as soon as descriptors come back. Those failures are
-logged at most once per ``LOG_EVERY_S``, with a count, so a flood cannot flood the log too.
+away. When accept() itself fails for want of descriptors or memory, the loop backs off and
+tries again (``routerd.fronts.accepting``). Those failures are logged at most once per
+``LOG_EVERY_S``, with a count, so a flood cannot flood the log too.
 """
 
 from __future__ import annotations
@@ -18,14 +17,11 @@ import anyio
 import structlog
 from anyio.abc import SocketListener, SocketStream, TaskGroup
 
+from routerd.fronts.accepting import BACKOFF_START_S, TRANSIENT_ERRNOS, next_backoff
+from routerd.fronts.msgpack.stream import UnixListener, bind_unix
+
 log = structlog.get_logger("routerd.accept")
 
-#: accept() errors that pass once connections close or memory frees: wait, never exit.
-TRANSIENT_ERRNOS = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
-)
-BACKOFF_START_S = 0.1
-BACKOFF_MAX_S = 1.0
 LOG_EVERY_S = 10.0
 #: Connections over the cap that may be in the middle of being told so; past this many,
 #: more are closed at once, since each one holds a descriptor.
@@ -107,7 +103,7 @@ async def serve_listener(
                 retry_in_s=backoff,
             )
             await anyio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            backoff = next_backoff(backoff)
             continue
         backoff = BACKOFF_START_S
         if open_connections >= max_connections:
@@ -141,7 +137,7 @@ async def listen_unix(path: Path, mode: int) -> SocketListener:
             if await _socket_in_use(path):
                 raise RuntimeError(f"another routerd is already listening on {path}")
             await entry.unlink()
-        return await anyio.create_unix_listener(path, mode=mode)
+        return UnixListener(bind_unix(path, mode))
     except OSError as exc:
         # `routerd serve` prints a RuntimeError as one line; a bare OSError names no path.
         raise RuntimeError(f"cannot listen on {path}: {exc.strerror or exc}") from exc

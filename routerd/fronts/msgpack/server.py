@@ -189,7 +189,6 @@ class Connection:
         #: Who the dispatcher's fairness sees: the peer process, else this connection.
         self.sender = f"conn:{self.id}"
         self.requests: dict[int, anyio.CancelScope] = {}
-        self._lock = anyio.Lock(fast_acquire=True)
         self._raw: socket.socket | None = stream.extra(anyio.abc.SocketAttribute.raw_socket, None)
         self._closed = False
         # Set when the connection ends by its own decision (the client left, or sent bytes
@@ -202,32 +201,18 @@ class Connection:
         """Write one frame; a client that went away just ends the writer.
 
         A message that cannot be encoded becomes an ``internal`` Error for its request, so
-        one bad reply never costs the connection. Hot path: when no other write is pending,
-        the frame goes straight into the socket's buffer, which costs no trip through the
-        event loop (anyio's send always yields once first). Only what does not fit waits,
-        in order, under the lock.
+        one bad reply never costs the connection. The frame goes into the transport at once,
+        in order with every other; only a client that stops reading makes the writer wait.
         """
         if self._closed:
             return
         frame = _encode(message)
         if frame is None:
             frame = self._unencodable(message)
-        if self._raw is not None and not self._lock.locked():
-            try:
-                sent = self._raw.send(frame)
-            except BlockingIOError:
-                sent = 0
-            except OSError:
-                self._closed = True
-                return
-            if sent == len(frame):
-                return
-            frame = frame[sent:]
-        async with self._lock:
-            try:
-                await self.stream.send(frame)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self._closed = True
+        try:
+            await self.stream.send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            self._closed = True
 
     def _unencodable(self, message: DaemonMessage) -> bytes:
         request_id: int | None = getattr(message, "id", None)
@@ -316,10 +301,11 @@ class Connection:
         finally:
             with anyio.CancelScope(shield=True):
                 if farewell is not None:
-                    await self.send(farewell)
-                    async with self._lock:  # our end of stream goes after every pending write
-                        self._closed = True
-                        await linger_and_close(self.stream)
+                    with anyio.move_on_after(LINGER_S):  # a client that reads nothing
+                        await self.send(farewell)
+                    # The transport sends our end of stream after every pending write.
+                    self._closed = True
+                    await linger_and_close(self.stream)
                 self._closed = True
                 await self.stream.aclose()
             log.debug("client_disconnected", conn=self.id, client=self.client)

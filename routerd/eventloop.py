@@ -1,0 +1,31 @@
+"""Which event loop the daemon runs on: uvloop when it is there, asyncio's own otherwise.
+
+uvloop runs the loop's own work (scheduling callbacks, polling, socket reads and writes)
+in C; a request's many trips through the loop cost less there. Everything routerd does on
+the loop goes through anyio or asyncio's public API, so either loop serves it alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+__all__ = ["loop_name", "loop_options", "uvloop_installed"]
+
+
+def uvloop_installed() -> bool:
+    """Whether uvloop can be imported here."""
+    return importlib.util.find_spec("uvloop") is not None
+
+
+def loop_options(choice: str) -> dict[str, object]:
+    """anyio's backend options for ``server.event_loop`` (validated already: "uvloop" is
+    asked for only where it is installed)."""
+    use = choice == "uvloop" or (choice == "auto" and uvloop_installed())
+    return {"use_uvloop": use}
+
+
+def loop_name() -> str:
+    """What the running loop is, for the log: "uvloop" or "asyncio"."""
+    module = type(asyncio.get_running_loop()).__module__
+    return "uvloop" if module.startswith("uvloop") else "asyncio"
