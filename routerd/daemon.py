@@ -410,6 +410,8 @@ class Daemon:
                     # What start-up made (config, pools, modules) lives as long as the
                     # daemon: out of the collector's sight, a full collection walks only
                     # what requests made, and the slow tail of a request gets shorter.
+                    # Start-up's garbage goes first, or it would be kept for good.
+                    gc.collect()
                     gc.freeze()
                     async for signum in signals:
                         if signum in stop_signals:
