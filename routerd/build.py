@@ -102,6 +102,7 @@ def provider_runtimes(config: Config, http: UpstreamSession) -> dict[str, Provid
             base_url=p.base_url,
             timeout_s=p.timeout_s,
             headers=dict(p.headers),
+            connect_timeout_s=p.connect_timeout_s,
         )
         for name, p in config.providers.items()
     }

@@ -11,7 +11,6 @@ stays.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import random
 import signal
@@ -45,7 +44,7 @@ from routerd.core.affinity import Affinity
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
-from routerd.eventloop import loop_name
+from routerd.eventloop import freeze_startup_heap, loop_name
 from routerd.fleet import FleetLink, connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
@@ -398,21 +397,12 @@ class Daemon:
                             )
 
                     connections.start_soon(accept)
-                    log.info(
-                        "listening",
-                        socket=str(self.socket_path),
-                        pid=os.getpid(),
-                        max_conn=cap,
-                        loop=loop_name(),
-                    )
+                    where = str(self.socket_path)
+                    loop = loop_name()
+                    log.info("listening", socket=where, pid=os.getpid(), max_conn=cap, loop=loop)
                     sdnotify.notify("READY=1", f"STATUS=listening on {self.socket_path}")
                     task_status.started()
-                    # What start-up made (config, pools, modules) lives as long as the
-                    # daemon: out of the collector's sight, a full collection walks only
-                    # what requests made, and the slow tail of a request gets shorter.
-                    # Start-up's garbage goes first, or it would be kept for good.
-                    gc.collect()
-                    gc.freeze()
+                    freeze_startup_heap()
                     async for signum in signals:
                         if signum in stop_signals:
                             log.info("stopping", signal=signal.Signals(signum).name)

@@ -1,16 +1,18 @@
-"""Which event loop the daemon runs on: uvloop when it is there, asyncio's own otherwise.
+"""How the daemon's process is set for serving: its event loop and its collector.
 
-uvloop runs the loop's own work (scheduling callbacks, polling, socket reads and writes)
-in C; a request's many trips through the loop cost less there. Everything routerd does on
-the loop goes through anyio or asyncio's public API, so either loop serves it alike.
+The loop is uvloop when it is there, asyncio's own otherwise. uvloop runs the loop's own
+work (scheduling callbacks, polling, socket reads and writes) in C; a request's many trips
+through the loop cost less there. Everything routerd does on the loop goes through anyio or
+asyncio's public API, so either loop serves it alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 
-__all__ = ["loop_name", "loop_options", "uvloop_installed"]
+__all__ = ["freeze_startup_heap", "loop_name", "loop_options", "uvloop_installed"]
 
 
 def uvloop_installed() -> bool:
@@ -29,3 +31,14 @@ def loop_name() -> str:
     """What the running loop is, for the log: "uvloop" or "asyncio"."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def freeze_startup_heap() -> None:
+    """Put what start-up made out of the collector's sight, once the daemon serves.
+
+    The config, the pools and the modules live as long as the daemon: frozen, a full
+    collection walks only what requests made, and the slow tail of a request gets shorter.
+    Start-up's garbage goes first, or it would be kept for good.
+    """
+    gc.collect()
+    gc.freeze()

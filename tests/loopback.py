@@ -2,24 +2,23 @@
 
 Handlers are written against httpx's Request and Response (a compact way to say what a
 provider answers); the server is aiohttp's, on 127.0.0.1, and every host name the adapter
-asks for resolves to it, so the adapters run their real aiohttp exchange. A handler can
-also answer with a transport fault: ``Disconnect`` (the connection dropped before a reply),
-a body that raises mid-way (the connection is cut there) or one that hangs.
+asks for is dialled there instead, so the adapters run their real upstream exchange. A
+handler can also answer with a transport fault: ``Disconnect`` (the connection dropped
+before a reply), a body that raises mid-way (the connection is cut there) or one that hangs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import ipaddress
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 import anyio
 import httpx
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 
-from routerd.upstream.session import UpstreamSession
+from routerd.upstream.session import KEEPALIVE_S, UpstreamSession
 
 Handler = Callable[[httpx.Request], Coroutine[None, None, httpx.Response]]
 
@@ -28,26 +27,18 @@ class Disconnect(Exception):
     """Raised by a handler: the server drops the connection without a reply."""
 
 
-class _ToLoopback(AbstractResolver):
-    def __init__(self, port: int) -> None:
-        self.port = port
+def _to_loopback(port: int) -> Callable[[str, int], tuple[str, int]]:
+    """Every host name to the server; an address stays itself, as with a real resolver (so
+    a closed port on 127.0.0.1 is still refused)."""
 
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        return [
-            ResolveResult(
-                hostname=host,
-                host="127.0.0.1",
-                port=self.port,
-                family=socket.AF_INET,
-                proto=0,
-                flags=socket.AI_NUMERICHOST,
-            )
-        ]
+    def connect_to(host: str, original: int) -> tuple[str, int]:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            return "127.0.0.1", port
+        return host, original
 
-    async def close(self) -> None:
-        pass
+    return connect_to
 
 
 class Loopback:
@@ -73,10 +64,8 @@ class Loopback:
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()
         port = self._runner.addresses[0][1]
-        keepalive = (
-            {} if self.client_keepalive_s is None else {"keepalive_s": self.client_keepalive_s}
-        )
-        self.session = UpstreamSession(16, resolver=_ToLoopback(port), **keepalive)
+        keepalive_s = KEEPALIVE_S if self.client_keepalive_s is None else self.client_keepalive_s
+        self.session = UpstreamSession(16, connect_to=_to_loopback(port), keepalive_s=keepalive_s)
 
     async def stop(self) -> None:
         if self.session is not None:

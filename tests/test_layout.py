@@ -18,6 +18,7 @@ PACKAGES = {"routerd": ROOT / "routerd", "routerd_client": ROOT / "client" / "ro
 # What the routing core may never reach, directly or through another module.
 CORE_FORBIDDEN = (
     "aiohttp",
+    "httptools",
     "httpx",
     "httpcore",
     "h11",
@@ -142,7 +143,7 @@ def test_only_the_adapters_and_the_daemon_that_builds_them_import_httpx() -> Non
 
 
 def test_only_the_upstream_package_holds_the_upstream_http_client() -> None:
-    users = sorted(n for n, imported in EXTERNAL.items() if "aiohttp" in imported)
+    users = sorted(n for n, imported in EXTERNAL.items() if "httptools" in imported)
     assert users and all(n.startswith("routerd.upstream.") for n in users), users
 
 

@@ -21,7 +21,8 @@ class Call:
     """One attempt against one target with one credential.
 
     ``body`` is the client's request in OpenAI chat shape; the adapter sets the model itself.
-    ``timeout`` bounds the whole attempt (connect, first byte, and each read).
+    ``timeout`` bounds each wait for the server (its first byte, then each read), and
+    ``connect_timeout`` the connecting (never longer than ``timeout``).
     """
 
     base_url: str
@@ -30,6 +31,12 @@ class Call:
     body: dict[str, Any] = field(default_factory=dict)
     timeout: float = 120.0
     headers: dict[str, str] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+
+    @property
+    def connect_s(self) -> float:
+        """How long connecting may take."""
+        return min(self.connect_timeout, self.timeout)
 
 
 @dataclass(slots=True)

@@ -27,6 +27,7 @@ class ProviderRuntime:
     base_url: str
     timeout_s: float
     headers: dict[str, str]
+    connect_timeout_s: float = 5.0
 
 
 def merge_tool_calls(merged: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
@@ -67,6 +68,7 @@ def build_call(
         body=body,
         timeout=provider.timeout_s,
         headers=headers,
+        connect_timeout=provider.connect_timeout_s,
     )
 
 

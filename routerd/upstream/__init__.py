@@ -1,1 +1,1 @@
-"""Upstream adapters: one per API kind (``registry.adapter_for``), on one aiohttp session."""
+"""Upstream adapters: one per API kind (``registry.adapter_for``), on one keep-alive pool."""

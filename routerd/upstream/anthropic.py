@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from yarl import URL
 
 from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, scrub, transport_failure
@@ -29,6 +28,7 @@ from routerd.translate import (
 )
 from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
 from routerd.upstream.session import UpstreamSession
+from routerd.upstream.wire import Endpoint
 
 __all__ = ["ANTHROPIC_VERSION", "AnthropicAdapter", "AnthropicStream"]
 
@@ -38,7 +38,7 @@ _decode = msgspec.json.decode
 _encode = msgspec.json.Encoder().encode
 
 
-def _messages_url(base_url: str) -> URL | str:
+def _messages_url(base_url: str) -> Endpoint | str:
     # The documented base_url is the bare host, but ".../v1" is a common way to write it.
     base = base_url.rstrip("/")
     return endpoint(base, "messages" if base.endswith("/v1") else "v1/messages")
@@ -147,7 +147,7 @@ class AnthropicAdapter:
         self._default_max_tokens = default_max_tokens
         self._clock = clock
 
-    def _prepare(self, call: Call, *, stream: bool) -> tuple[URL | str, bytes, dict[str, str]]:
+    def _prepare(self, call: Call, *, stream: bool) -> tuple[Endpoint | str, bytes, dict[str, str]]:
         try:
             body = openai_to_anthropic(
                 call.body, call.model, default_max_tokens=self._default_max_tokens

@@ -13,7 +13,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
-from yarl import URL
 
 from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, transport_failure
@@ -21,6 +20,7 @@ from routerd.core.limits import openai_limits
 from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
 from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
 from routerd.upstream.session import UpstreamSession
+from routerd.upstream.wire import Endpoint
 
 __all__ = ["OpenAIAdapter", "OpenAIStream"]
 
@@ -206,7 +206,7 @@ class OpenAIAdapter:
     def _per_day(self, call: Call) -> bool:
         return self._requests_per_day or "api.groq.com" in call.base_url
 
-    def _prepare(self, call: Call, *, stream: bool) -> tuple[URL | str, bytes, dict[str, str]]:
+    def _prepare(self, call: Call, *, stream: bool) -> tuple[Endpoint | str, bytes, dict[str, str]]:
         # One shallow copy: the caller's body is reused for the next target and must not change.
         body = {**call.body, "model": call.model, "stream": stream}
         if stream:
