@@ -283,6 +283,10 @@ async def accept_connections(
             backoff = next_backoff(backoff)
             continue
         backoff = BACKOFF_START_S
+        if client.family != socket.AF_UNIX:
+            # Replies go out in several writes (head, body): none may wait for an ACK.
+            # asyncio's servers set this themselves, its connect_accepted_socket does not.
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await loop.connect_accepted_socket(protocol_factory, client)
         except OSError:

@@ -1,0 +1,62 @@
+"""The HTTP front's own accept loop, on both event loops: each connection gets a protocol,
+TCP connections send small writes at once (no Nagle), and the loop ends when cancelled."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import anyio
+import pytest
+
+from routerd.fronts.http.connections import LOG_INTERVAL_S, Throttle, accept_connections
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    backend: tuple[str, dict[str, Any]] = request.param
+    return backend
+
+
+async def test_tcp_connections_are_served_without_nagle() -> None:
+    made: list[Any] = []
+    three = anyio.Event()
+
+    def protocol() -> asyncio.Protocol:
+        class Recorder(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                made.append(transport)
+                if len(made) == 3:
+                    three.set()
+
+        return Recorder()
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    try:
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(accept_connections, listener, protocol, Throttle(LOG_INTERVAL_S))
+                clients = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(3)]
+                await three.wait()
+                tg.cancel_scope.cancel()
+        nodelay = [
+            t.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for t in made
+        ]
+        assert nodelay == [1, 1, 1]
+    finally:
+        for transport in made:
+            transport.close()
+        for client in clients:
+            await client.aclose()
+        listener.close()
