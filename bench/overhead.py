@@ -26,6 +26,7 @@ from routerd.config.secrets import resolve_secrets
 from routerd.core.calls import Call, Completion
 from routerd.core.outcome import RateLimitReport, Window
 from routerd.daemon import Daemon
+from routerd.eventloop import loop_options
 from routerd.upstream.base import Stream
 
 CLIENT = """
@@ -123,9 +124,15 @@ def main() -> None:
     """Run the measurement."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument(
+        "--event-loop",
+        choices=["auto", "uvloop", "asyncio"],
+        default="auto",
+        help="the daemon's loop, as server.event_loop (default: auto, as the daemon)",
+    )
     args = parser.parse_args()
     log.configure("warning", "json")
-    anyio.run(run, args.requests)
+    anyio.run(run, args.requests, backend_options=loop_options(args.event_loop))
 
 
 if __name__ == "__main__":
