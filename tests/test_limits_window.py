@@ -165,3 +165,22 @@ def test_what_may_have_left_is_kept_as_the_shares_come_and_go() -> None:
         shortest = w.longest_reset - RESET_ROUNDING_S
         expected = sum(a for _, at, a, _ in w.frees if at + shortest <= now)
         assert w._maybe_freed(now) == expected
+
+
+def test_requests_still_in_flight_when_the_window_resets_count_in_the_new_one() -> None:
+    # At the reset the window is whole only of what the provider had counted by the last
+    # reply: a request sent after it, still unanswered, stays in the provider's window.
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    spend_window(c, provider, [0.0, 0.5, 1.0])
+    slow = c.lease(2.02, 1)  # the share of 0.0 came back; this reply takes a while
+    assert provider.wait_for(1, 2.02) == 0
+    provider.add(1, 2.02)
+    now = c.requests.reset_at + 0.01
+    sent = 0
+    while c.free_at(now, 1) <= now and sent < LIMIT + 2:
+        c.lease(now, 1)
+        assert provider.wait_for(1, now) == 0, f"the provider refuses send {sent + 1}"
+        provider.add(1, now)
+        sent += 1
+    assert sent == LIMIT - 1
+    c.succeeded(now + 0.5, 5.0, provider_reply(provider, now + 0.5), slow)

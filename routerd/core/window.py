@@ -196,13 +196,15 @@ class LearnedWindow:
     def spend(self, amount: int, now: float) -> int:
         """Count a request we send; returns what had been answered so far (its mark)."""
         self._roll(now)
-        self.sent += amount
         if self.remaining is not None:
             if now >= self.reset_at and self.limit is not None:
-                self.remaining = self.limit
+                # Whole again but for what is still unanswered: those were sent after the
+                # last reply dated the reset, so the provider's window holds them still.
+                self.remaining = max(0, self.limit - max(0, self.sent - self.answered))
                 self.reset_at = now + ROLLOVER_S
                 self.guessed = True
             self.remaining = max(0, self.remaining - amount)
+        self.sent += amount
         return self.answered
 
     def unspend(self, amount: int) -> None:
