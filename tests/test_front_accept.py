@@ -8,20 +8,9 @@ import socket
 from typing import Any
 
 import anyio
-import pytest
 
 from routerd.fronts.http.connections import LOG_INTERVAL_S, Throttle, accept_connections
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    backend: tuple[str, dict[str, Any]] = request.param
-    return backend
+from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 
 
 async def test_tcp_connections_are_served_without_nagle() -> None:

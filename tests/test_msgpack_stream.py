@@ -8,7 +8,6 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import anyio
 import pytest
@@ -16,17 +15,7 @@ from anyio.abc import SocketAttribute
 
 from routerd.fronts.msgpack.stream import INBOX_HIGH, TransportStream, UnixListener, bind_unix
 from routerd.fronts.peers import peer_of
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
-    backend: tuple[str, dict[str, Any]] = request.param
-    return backend
+from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 
 
 @pytest.fixture

@@ -32,16 +32,7 @@ from routerd.upstream.wire import (
     parse_endpoint,
 )
 from tests.loopback import wait_until
-
-
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ]
-)
-def anyio_backend(request: pytest.FixtureRequest) -> Any:
-    return request.param
+from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 
 
 class Request:
