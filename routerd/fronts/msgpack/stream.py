@@ -2,11 +2,11 @@
 
 anyio's Unix socket stream waits for each read by registering the socket with the event
 loop and removing it again: two epoll changes, the selector's bookkeeping and a socket
-repr per frame, a fifth of the daemon's own time on a request. A transport keeps the socket
-registered for its whole life and hands the bytes over as they arrive, so a request's frame
-costs one read. ``TransportStream`` puts such a transport behind anyio's ``SocketStream``
-interface, so the framing, the guard and the server above it stay as they are; the listener
-accepts straight into it.
+repr per frame, about a tenth of the Python calls a request cost the daemon. A transport
+keeps the socket registered for its whole life and hands the bytes over as they arrive, so
+a request's frame costs one read. ``TransportStream`` puts such a transport behind anyio's
+``SocketStream`` interface, so the framing, the guard and the server above it stay as they
+are; the listener accepts straight into it.
 
 Reading is bounded: past ``INBOX_HIGH`` unread bytes the transport stops reading, so a
 client that sends faster than its frames are taken (or a frame waiting for the buffer
