@@ -44,8 +44,8 @@ class ChatRequest(msgspec.Struct, frozen=True):
     include_usage: bool
 
 
-def parse_chat(raw: bytes) -> ChatRequest:
-    """Read a chat-completions body; raises ShapeError with OpenAI-style wording."""
+def json_object(raw: bytes) -> dict[str, Any]:
+    """An OpenAI-style request body as a JSON object; raises ShapeError in OpenAI's wording."""
     try:
         data = msgspec.json.decode(raw)
     except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
@@ -55,6 +55,12 @@ def parse_chat(raw: bytes) -> ChatRequest:
         ) from None
     if not isinstance(data, dict):
         raise ShapeError("the request body must be a JSON object")
+    return data
+
+
+def parse_chat(raw: bytes) -> ChatRequest:
+    """Read a chat-completions body; raises ShapeError with OpenAI-style wording."""
+    data = json_object(raw)
     try:
         head = msgspec.convert(data, _ChatHead)
     except msgspec.ValidationError as exc:

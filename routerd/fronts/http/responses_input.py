@@ -15,8 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgspec
-
+from routerd.fronts.http.openai_shape import json_object
 from routerd.fronts.http.wire import ShapeError
 
 # Passed to the upstream as they are: the same name and meaning in chat completions.
@@ -47,15 +46,7 @@ class ResponsesRequest:
 
 def parse_responses(raw: bytes) -> ResponsesRequest:
     """Read a Responses body; raises ShapeError with OpenAI-style wording."""
-    try:
-        data = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):
-        raise ShapeError(
-            "We could not parse the JSON body of your request. (HINT: This likely means "
-            "you aren't using your HTTP library correctly.)"
-        ) from None
-    if not isinstance(data, dict):
-        raise ShapeError("the request body must be a JSON object")
+    data = json_object(raw)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise ShapeError("Missing required parameter: 'model'.")
