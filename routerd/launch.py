@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +16,17 @@ import time
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
+
+
+def stop_child(process: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM a child that still runs, wait ``timeout`` for it, then SIGKILL; its exit code."""
+    if process.poll() is None:
+        process.terminate()
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
 
 
 class DaemonStartError(RuntimeError):
@@ -109,13 +119,7 @@ class DaemonProcess:
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, then wait for the drain to finish; returns the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            code = self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            code = self.process.wait()
+        code = stop_child(self.process, timeout)
         while self._drain_notify(0.0):
             pass
         return code

@@ -14,6 +14,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from routerd.launch import stop_child
+
 
 def server_binary() -> str | None:
     """The redis-server or valkey-server on $PATH, or None when neither is installed."""
@@ -88,13 +90,8 @@ class RedisProcess:
 
     def close(self) -> None:
         """Stop the server, gently first."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        if self.process is not None:
+            stop_child(self.process, 10)
         self.socket_path.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
+from routerd.launch import stop_child
 from routerd.mock.spec import MockSpec, ModelSpec
 
 # The directory holding the routerd package, so the child imports this very copy even
@@ -63,13 +64,7 @@ class MockProcess:
     def close(self) -> None:
         """Stop the process (SIGTERM, then SIGKILL if it lingers) and reap it."""
         self._control.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=_STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=_STOP_TIMEOUT_S)
+        stop_child(self.process, _STOP_TIMEOUT_S)
         if self.process.stdout is not None:
             self.process.stdout.close()
 
