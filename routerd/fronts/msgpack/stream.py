@@ -192,11 +192,6 @@ class TransportStream(SocketStream):
         self._transport.close()
         await anyio.lowlevel.checkpoint()
 
-    def abort(self) -> None:
-        """Close at once, dropping what is still unsent."""
-        self._closing = True
-        self._transport.abort()
-
     @property
     def _raw_socket(self) -> socket.socket:
         return self._sock
