@@ -44,7 +44,7 @@ from routerd.core.affinity import Affinity
 from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
-from routerd.eventloop import freeze_startup_heap, loop_name
+from routerd.eventloop import freeze_startup_heap, ignore_late_signals, loop_name
 from routerd.fleet import FleetLink, connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
@@ -412,9 +412,11 @@ class Daemon:
                             await self.reload()
                     await self._drain(accepting, listener)
                     connections.cancel_scope.cancel()
-            with anyio.move_on_after(5, shield=True):
-                await self.save_state_async()
-                await self._responses_file.save(force=True)
+                # Still receiving: another SIGTERM while the state is saved is taken, not fatal.
+                with anyio.move_on_after(5, shield=True):
+                    await self.save_state_async()
+                    await self._responses_file.save(force=True)
+            ignore_late_signals(stop_signals)
             root.cancel_scope.cancel()
         log.info("stopped")
 

@@ -1,4 +1,5 @@
-"""How the daemon's process is set for serving: its event loop and its collector.
+"""How the daemon's process is set for serving: its event loop, its collector, and the stop
+signals once it is stopping.
 
 The loop is uvloop when it is there, asyncio's own otherwise. uvloop runs the loop's own
 work (scheduling callbacks, polling, socket reads and writes) in C; a request's many trips
@@ -11,8 +12,15 @@ from __future__ import annotations
 import asyncio
 import gc
 import importlib.util
+import signal
 
-__all__ = ["freeze_startup_heap", "loop_name", "loop_options", "uvloop_installed"]
+__all__ = [
+    "freeze_startup_heap",
+    "ignore_late_signals",
+    "loop_name",
+    "loop_options",
+    "uvloop_installed",
+]
 
 
 def uvloop_installed() -> bool:
@@ -42,3 +50,14 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+def ignore_late_signals(signals: tuple[signal.Signals, ...]) -> None:
+    """Ignore ``signals`` from here on: the daemon is stopping already.
+
+    Leaving anyio's signal receiver restores their default handlers, under which one more
+    SIGTERM on the way out (a supervisor repeating it) would end the process with -15
+    instead of 0.
+    """
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
