@@ -30,7 +30,7 @@ from routerd.core.calls import Reply
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BudgetExhausted, BufferBudget
 from routerd.fronts.http import FrontApp, FrontState, Metrics
-from routerd.fronts.http.body import read_body
+from routerd.fronts.http.body import BodyTooLarge, read_body
 from routerd.launch import DaemonProcess
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec, start_mock_process
 from tests.conftest import DaemonFactory, canary
@@ -469,3 +469,22 @@ async def test_a_chunked_body_reserves_as_it_arrives_and_gives_all_back() -> Non
     with pytest.raises(BudgetExhausted):
         await read_body(receive, "200000", limit=1 << 20, budget=budget, timeout_s=0.2)
     assert budget.used == 900_000
+
+
+async def test_a_body_all_arrived_is_taken_without_a_reservation_but_held_to_the_limit() -> None:
+    budget = BufferBudget(1000)
+    budget.try_reserve(1000)  # full: a body still arriving would have to wait for room
+
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("a whole body is not read again")
+
+    body = await read_body(
+        receive, "5", limit=100, budget=budget, timeout_s=5, whole=lambda: b"hello"
+    )
+    assert body == b"hello"
+    # Chunked (no length declared) and whole: still held to the limit.
+    with pytest.raises(BodyTooLarge):
+        await read_body(
+            receive, None, limit=100, budget=budget, timeout_s=5, whole=lambda: b"x" * 101
+        )
+    assert budget.used == 1000

@@ -142,9 +142,16 @@ def test_only_the_adapters_and_the_daemon_that_builds_them_import_httpx() -> Non
     assert [n for n in users if not _matches(n, HTTPX_USERS)] == []
 
 
-def test_only_the_upstream_package_holds_the_upstream_http_client() -> None:
+def test_llhttp_parses_only_in_the_upstream_client_and_the_http_fronts_server() -> None:
     users = sorted(n for n, imported in EXTERNAL.items() if "httptools" in imported)
-    assert users and all(n.startswith("routerd.upstream.") for n in users), users
+    server = "routerd.fronts.http.server"
+    assert server in users
+    assert all(n.startswith("routerd.upstream.") or n == server for n in users), users
+
+
+def test_the_http_front_serves_without_uvicorn() -> None:
+    users = sorted(n for n, imported in EXTERNAL.items() if "uvicorn" in imported)
+    assert users and all(n.startswith("routerd.mock.") for n in users), users
 
 
 def test_the_dispatcher_does_not_load_the_adapters() -> None:

@@ -34,6 +34,7 @@ from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BudgetExhausted, BufferBudget
 from routerd.fronts.http import anthropic_shape, openai_shape, responses
 from routerd.fronts.http.asgi import (
+    Headers,
     Receive,
     Scope,
     Send,
@@ -46,7 +47,7 @@ from routerd.fronts.http.asgi import (
 )
 from routerd.fronts.http.body import BodyTimeout, BodyTooLarge, read_body
 from routerd.fronts.http.cancel import hung_up_on, watched
-from routerd.fronts.http.connections import HANGUP_KEY, Hangup
+from routerd.fronts.http.connections import BODY_KEY, HANGUP_KEY, Hangup
 from routerd.fronts.http.errors import HttpError, front_error, routed_error
 from routerd.fronts.http.metrics import CONTENT_TYPE, Metrics
 from routerd.fronts.http.responses_store import ResponseStore
@@ -114,9 +115,10 @@ _MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses
 class _Request:
     method: str
     path: str
-    headers: dict[str, str]
+    headers: Headers
     client: str  # who sent it, the dispatcher's fairness key
     hangup: Hangup | None  # set by routerd's own protocol (connections.FrontProtocol)
+    whole_body: Callable[[], bytes | None] | None  # likewise (connections.BODY_KEY)
 
 
 class FrontApp:
@@ -133,12 +135,10 @@ class FrontApp:
         request = _Request(
             method=scope["method"],
             path=scope["path"],
-            headers={
-                name.decode("latin-1").lower(): value.decode("latin-1")
-                for name, value in scope.get("headers", [])
-            },
+            headers=Headers(scope.get("headers", ())),
             client=client_of(scope),
             hangup=scope.get(HANGUP_KEY),
+            whole_body=scope.get(BODY_KEY),
         )
         api: Api = "anthropic" if request.path.startswith("/v1/messages") else "openai"
         # Liveness probes need no secret: /healthz says nothing about keys or traffic.
@@ -181,10 +181,10 @@ class FrontApp:
         if request.path in _MODEL_PATHS:
             self.state.dispatcher.refused(kind)
 
-    def _authorized(self, headers: dict[str, str]) -> bool:
+    def _authorized(self, headers: Headers) -> bool:
         assert self._token is not None
-        scheme, _, credential = headers.get("authorization", "").partition(" ")
-        offered = [headers.get("x-api-key", "")]
+        scheme, _, credential = (headers.get("authorization") or "").partition(" ")
+        offered = [headers.get("x-api-key") or ""]
         if scheme.lower() == "bearer":
             offered.append(credential.strip())
         # compare_digest on every candidate: the time taken says nothing about the token.
@@ -356,6 +356,7 @@ class FrontApp:
             limit=self.state.max_body,
             budget=self.state.budget,
             timeout_s=self.state.read_timeout_s,
+            whole=request.whole_body,
         )
 
     # ---- the rest ---------------------------------------------------------------------

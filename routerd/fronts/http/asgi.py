@@ -4,7 +4,7 @@ and the request headers and scope keys routerd reads."""
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 from routerd.fronts.http.connections import CLIENT_KEY
@@ -17,7 +17,24 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-def routing_headers(headers: dict[str, str]) -> tuple[float | None, int]:
+class Headers:
+    """A request's headers by (lowercase) name; a value is decoded only when it is read."""
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        # ASGI servers give names in lowercase; a repeated name keeps its last value.
+        self._raw = dict(raw)
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self._raw.get(name.encode())
+        return default if value is None else value.decode("latin-1")
+
+    def __contains__(self, name: str) -> bool:
+        return name.encode() in self._raw
+
+
+def routing_headers(headers: Headers) -> tuple[float | None, int]:
     """x-routerd-deadline (seconds) and x-routerd-priority, which SDKs send as extra headers."""
     deadline: float | None = None
     priority = 0

@@ -39,8 +39,12 @@ async def read_body(
     limit: int,
     budget: BufferBudget,
     timeout_s: float,
+    whole: Callable[[], bytes | None] | None = None,
 ) -> bytes | None:
     """The whole body, or None if the client left first.
+
+    ``whole``, where the server offers it, hands over a body that has all arrived: it is
+    in memory already, so it is taken as it is, without a reservation or a timer.
 
     Raises BodyTooLarge past ``limit`` (before reading, when Content-Length says so),
     BudgetExhausted when the budget stays full for ``timeout_s``, and BodyTimeout when the
@@ -49,6 +53,18 @@ async def read_body(
     declared = int(content_length) if content_length and content_length.isdigit() else None
     if declared is not None and declared > limit:
         raise BodyTooLarge
+    arrived = whole() if whole is not None else None
+    if arrived is not None:
+        if len(arrived) > limit:
+            raise BodyTooLarge
+        return arrived
+    return await _arriving(receive, declared, limit=limit, budget=budget, timeout_s=timeout_s)
+
+
+async def _arriving(
+    receive: Receive, declared: int | None, *, limit: int, budget: BufferBudget, timeout_s: float
+) -> bytes | None:
+    """read_body's way for a body still arriving: reserved, timed and gathered."""
     reserved = 0
     buffer: mmap.mmap | None = None
     try:

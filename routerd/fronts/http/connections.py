@@ -1,12 +1,6 @@
-"""The HTTP front's connections: cap per listener, request-head timeout, peer check, name.
-
-Also the accept loop, with one log line per interval for accept() failures and refusals.
-uvicorn has no cap that bounds descriptors (``limit_concurrency`` still accepts every socket
-and answers 503 on it, keeping it open) and no timeout for a request head, so both live in a
-subclass of its httptools protocol, which sees each connection as it is made. The subclass
-goes in through ``uvicorn.Config(http=...)``, uvicorn's documented way to choose the protocol
-class; the accept loop hands it each connection (``serve.py`` says why, and what else of
-uvicorn's is left out: its signal handlers).
+"""What the HTTP front keeps per listener and per request beside the HTTP itself: the
+connection cap (Gate), a request's Hangup, the scope keys that carry them, and the accept
+loop, with one log line per interval for accept() failures and refusals.
 """
 
 from __future__ import annotations
@@ -17,14 +11,11 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import anyio
 import structlog
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from routerd.fronts.accepting import BACKOFF_START_S, TRANSIENT_ERRNOS, next_backoff
-from routerd.fronts.peers import PeerPolicy, peer_of
 
 log = structlog.get_logger("routerd.front")
 
@@ -35,29 +26,9 @@ LOG_INTERVAL_S = 10.0
 CLIENT_KEY = "routerd.client"
 # The ASGI scope key of the request's Hangup: how the app learns its client left.
 HANGUP_KEY = "routerd.hangup"
-
-
-def _plain(status: bytes, message: bytes, *extra: bytes) -> bytes:
-    """A whole HTTP/1.1 response written before the ASGI app is involved; it closes."""
-    head = [
-        b"HTTP/1.1 " + status,
-        b"content-type: text/plain; charset=utf-8",
-        b"content-length: " + str(len(message)).encode(),
-        b"connection: close",
-        *extra,
-    ]
-    return b"\r\n".join(head) + b"\r\n\r\n" + message
-
-
-_REFUSED = _plain(
-    b"503 Service Unavailable",
-    b"routerd has server.max_connections connections open on this socket; retry shortly\n",
-    b"retry-after: 1",
-)
-_HEAD_TIMEOUT = _plain(
-    b"408 Request Timeout",
-    b"the request head did not arrive whole within server.read_timeout_s\n",
-)
+# The ASGI scope key of a callable that hands over the whole body when it has all arrived
+# (None otherwise): the usual request is read without a timer or a wait.
+BODY_KEY = "routerd.body"
 
 
 class Throttle:
@@ -144,111 +115,6 @@ class Hangup:
             self._scope.cancel()
 
 
-class FrontProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with routerd's connection cap, head timeout and peer check.
-
-    Overriding connection_made/connection_lost/data_received and the parser callbacks
-    on_message_begin/on_headers_complete relies on uvicorn's protocol class, not its public
-    API: it is the only place that sees a connection before a request exists, which is
-    where a descriptor cap and a head timeout must act.
-    """
-
-    gate: Gate
-    peers: PeerPolicy | None = None
-    head_timeout_s: float = 30.0
-
-    _admitted = False
-    _head_begun = False
-    _head_timer: asyncio.TimerHandle | None = None
-    _client: str | None = None
-    # The requests of this connection not yet finished (more than one only when pipelined).
-    _hangups: list[Hangup] | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        """Refuse past the cap or a peer not allowed; else serve, with the head timer running."""
-        super().connection_made(transport)
-        if not self.gate.enter():
-            # Said before hanging up, so an SDK reads a 503 (which it retries with backoff)
-            # rather than a reset; the descriptor is free again as soon as it is written.
-            transport.write(_REFUSED)
-            transport.close()
-            return
-        self._admitted = True
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family == socket.AF_UNIX:
-            peer = peer_of(sock)
-            if self.peers is not None and not self.peers.allows(peer):
-                log.warning("peer_refused", peer=peer, front="http")
-                transport.close()
-                return
-            self._client = f"pid:{peer.pid}" if peer is not None else None
-        self._arm()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        """Stop the timer and give the connection's place back."""
-        self._disarm()
-        if self._admitted:
-            self._admitted = False
-            self.gate.leave()
-        for hangup in self._hangups or ():
-            hangup.lost()
-        self._hangups = None
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        """Parse as usual; bytes that arrive while no request is served start the timer."""
-        super().data_received(data)
-        cycle = self.cycle
-        idle = cycle is None or cycle.response_complete
-        if idle and self._head_timer is None and not self.transport.is_closing():
-            # A partial head, or the unread rest of a body after its reply: either way no
-            # request runs that would end it, so it must end within read_timeout_s.
-            self._arm()
-
-    def on_message_begin(self) -> None:
-        """A request head begins: note it, name its sender and give it a Hangup."""
-        super().on_message_begin()
-        self._head_begun = True
-        scope: dict[str, Any] = self.scope  # type: ignore[assignment]
-        if self._client is not None:
-            scope[CLIENT_KEY] = self._client
-        hangup = Hangup()
-        scope[HANGUP_KEY] = hangup
-        self._hangups = [h for h in self._hangups or () if not h.done]
-        self._hangups.append(hangup)
-
-    def on_headers_complete(self) -> None:
-        """The head is whole: its timer stops, and the app's body timeout takes over."""
-        self._head_begun = False
-        self._disarm()
-        super().on_headers_complete()
-
-    def _arm(self) -> None:
-        self._disarm()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._timed_out)
-
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _timed_out(self) -> None:
-        self._head_timer = None
-        if self.transport.is_closing():
-            return
-        if self._head_begun:
-            self.transport.write(_HEAD_TIMEOUT)
-        self.transport.close()
-
-
-def front_protocol(
-    gate: Gate, head_timeout_s: float, peers: PeerPolicy | None
-) -> type[FrontProtocol]:
-    """The protocol class uvicorn instantiates per connection, bound to one listener's gate."""
-    attributes = {"gate": gate, "head_timeout_s": head_timeout_s, "peers": peers}
-    return type("FrontProtocol", (FrontProtocol,), attributes)
-
-
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
 
@@ -283,11 +149,11 @@ async def accept_connections(
             backoff = next_backoff(backoff)
             continue
         backoff = BACKOFF_START_S
-        if client.family != socket.AF_UNIX:
-            # Replies go out in several writes (head, body): none may wait for an ACK.
-            # asyncio's servers set this themselves, its connect_accepted_socket does not.
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if client.family != socket.AF_UNIX:
+                # A stream's events go out as small writes: none may wait for an ACK.
+                # asyncio's servers set this themselves, its connect_accepted_socket does not.
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             await loop.connect_accepted_socket(protocol_factory, client)
         except OSError:
             client.close()  # the client left before its transport was made

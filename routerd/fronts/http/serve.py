@@ -1,29 +1,25 @@
-"""Binding the HTTP front's sockets and serving them with uvicorn inside the daemon.
+"""Binding the HTTP front's sockets and serving them inside the daemon.
 
 The sockets are bound before the daemon's task group starts, so a port in use, a missing
 token or a non-loopback address stops the daemon with one clear line instead of a
-traceback. uvicorn runs as a task of the daemon's task group: one uvicorn Server per kind
-of listener (the Unix socket needs no token, TCP does), its signal handlers left out since
-the daemon owns SIGTERM and SIGINT, its stop driven by the daemon's drain. Each kind of
-listener has its own connection cap; the limits on connections themselves live in
-routerd.front.connections, those on request bodies in routerd.front.body.
+traceback. Each kind of listener (the Unix socket needs no token, TCP does) is a Site of
+routerd's own HTTP server (``server.py``) with its own connection cap; its accept loops run
+in the daemon's task group, and its stop follows the daemon's drain. The limits on request
+bodies live in routerd.fronts.http.body.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import errno
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 import structlog
-import uvicorn
 from anyio.abc import TaskStatus
 
 from routerd.config.schema import ServerConfig
@@ -35,57 +31,22 @@ from routerd.fronts.http.connections import (
     Gate,
     Throttle,
     accept_connections,
-    front_protocol,
 )
 from routerd.fronts.http.metrics import Metrics
 from routerd.fronts.http.responses_store import ResponseStore
+from routerd.fronts.http.server import Site
 from routerd.fronts.peers import PeerPolicy
 
 log = structlog.get_logger("routerd.front")
 
-# After the drain, responses still being written get this long before uvicorn cancels them.
+# After the drain, responses still being written get this long before they are cancelled.
 _GRACEFUL_S = 2
-# How long stop() waits for uvicorn to close its connections and return.
+# How long stop() waits for the front to close its connections and return.
 _STOP_TIMEOUT_S = 5.0
 
 
 class FrontError(RuntimeError):
     """The HTTP front cannot start as configured; the message says why and what to change."""
-
-
-class _Server(uvicorn.Server):
-    """A uvicorn Server that leaves signals alone (the daemon's own receiver handles them)
-    and whose sockets are accepted on by ``accept_connections``, not by an asyncio server.
-    """
-
-    def __init__(self, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.serving = anyio.Event()
-        self.accepting = anyio.CancelScope()
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        # uvicorn's version installs signal.signal() handlers, which would replace the
-        # daemon's anyio signal receiver and swallow SIGTERM into uvicorn's own exit.
-        yield
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        # No sockets for uvicorn to serve: the accept loops hand it their connections.
-        await super().startup(sockets=[])
-        self.serving.set()
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.accepting.cancel()  # no new connection while the open ones are closed
-        await super().shutdown(sockets)
-
-    def new_protocol(self) -> asyncio.Protocol:
-        """A connection's protocol, made as uvicorn's own servers make it."""
-        protocol: asyncio.Protocol = self.config.http_protocol_class(  # type: ignore[call-arg]
-            config=self.config,
-            server_state=self.server_state,
-            app_state=self.lifespan.state,
-        )
-        return protocol
 
 
 @dataclass(slots=True)
@@ -215,7 +176,7 @@ def _address(sock: socket.socket) -> str:
 
 
 class HttpFront:
-    """The OpenAI/Anthropic-compatible HTTP front: its sockets and the uvicorn servers on them."""
+    """The OpenAI/Anthropic-compatible HTTP front: its sockets and the sites serving them."""
 
     def __init__(
         self,
@@ -235,7 +196,7 @@ class HttpFront:
         self._peers = peers
         self._max_connections = max_connections
         self._keepalive_s = keepalive_s
-        self._servers: list[_Server] = []
+        self._stopping = anyio.Event()
         self._stopped = anyio.Event()
 
     @classmethod
@@ -300,42 +261,34 @@ class HttpFront:
         """Where the front listens: the Unix socket's path and each TCP host:port."""
         return ([self.unix.address] if self.unix else []) + [t.address for t in self.tcp]
 
-    def _config(self, app: FrontApp, protocol: type[asyncio.Protocol]) -> uvicorn.Config:
-        return uvicorn.Config(
-            app,
-            http=protocol,
-            ws="none",
-            lifespan="off",
-            log_config=None,  # the daemon's logging stays as the daemon set it up
-            log_level="warning",
-            access_log=False,
-            # X-Forwarded-For from a local process must not change who routerd thinks called.
-            proxy_headers=False,
-            server_header=False,
-            timeout_graceful_shutdown=_GRACEFUL_S,
-            # uvicorn annotates an int, but only hands it to loop.call_later (seconds).
-            timeout_keep_alive=self._keepalive_s,  # type: ignore[arg-type]
+    def _sites(self) -> list[tuple[Site, list[socket.socket]]]:
+        plan: list[tuple[Site, list[socket.socket]]] = []
+        if self.unix is not None:
+            site = self._site("unix", token=None, peers=self._peers)
+            plan.append((site, [self.unix.sock]))
+        if self.tcp:
+            site = self._site("tcp", token=self._token, peers=None)
+            plan.append((site, [t.sock for t in self.tcp]))
+        return plan
+
+    def _site(self, listener: str, *, token: str | None, peers: PeerPolicy | None) -> Site:
+        return Site(
+            FrontApp(self.state, token=token),
+            Gate(listener, self._max_connections),
+            head_timeout_s=self.state.read_timeout_s,
+            keepalive_s=self._keepalive_s,
+            peers=peers,
         )
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until stop() (or cancellation); the sockets are closed on the way out."""
-        plan: list[tuple[_Server, list[socket.socket]]] = []
-        head_timeout_s = self.state.read_timeout_s
-        if self.unix is not None:
-            app = FrontApp(self.state, token=None)
-            gate = Gate("unix", self._max_connections)
-            protocol = front_protocol(gate, head_timeout_s, self._peers)
-            plan.append((_Server(self._config(app, protocol)), [self.unix.sock]))
-        if self.tcp:
-            app = FrontApp(self.state, token=self._token)
-            gate = Gate("tcp", self._max_connections)
-            protocol = front_protocol(gate, head_timeout_s, None)
-            plan.append((_Server(self._config(app, protocol)), [t.sock for t in self.tcp]))
-        self._servers = [server for server, _ in plan]
+        plan = self._sites()
+        failures = Throttle(LOG_INTERVAL_S)
         try:
             async with anyio.create_task_group() as tg:
-                for server, socks in plan:
-                    tg.start_soon(_run, server, socks)
+                for site, socks in plan:
+                    for sock in socks:
+                        tg.start_soon(accept_connections, sock, site.protocol, failures)
                 # The sockets already listen: a client connecting now waits in the backlog.
                 log.info(
                     "http_listening",
@@ -344,38 +297,27 @@ class HttpFront:
                     max_connections=self._max_connections,
                 )
                 task_status.started()
+                await self._stopping.wait()
+                tg.cancel_scope.cancel()  # no new connection while the open ones close
+            async with anyio.create_task_group() as tg:
+                for site, _ in plan:
+                    tg.start_soon(site.shutdown, _GRACEFUL_S)
         finally:
+            for site, _ in plan:
+                site.abort()
             self._close_all()
             self._stopped.set()
 
     async def stop(self) -> None:
-        """After the daemon's drain: end what still runs, let uvicorn close, then return."""
+        """After the daemon's drain: end what still runs, let the connections close, return."""
         self.state.cancel_all()
-        for server in self._servers:
-            server.should_exit = True
+        self._stopping.set()
         with anyio.move_on_after(_STOP_TIMEOUT_S):
             await self._stopped.wait()
 
     def _close_all(self) -> None:
         for listener in [*([self.unix] if self.unix else []), *self.tcp]:
             _close(listener)
-
-
-async def _run(server: _Server, socks: list[socket.socket]) -> None:
-    failures = Throttle(LOG_INTERVAL_S)
-
-    async def accept(sock: socket.socket) -> None:
-        await server.serving.wait()
-        with server.accepting:
-            await accept_connections(sock, server.new_protocol, failures)
-
-    async with anyio.create_task_group() as tg:
-        for sock in socks:
-            tg.start_soon(accept, sock)
-        try:
-            await server.serve(sockets=[])
-        finally:
-            tg.cancel_scope.cancel()
 
 
 def _close(listener: _Listener) -> None:
