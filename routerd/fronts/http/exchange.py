@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from routerd.fronts.http.asgi import Message, Scope
-from routerd.fronts.http.connections import Hangup
+from routerd.fronts.http.connections import BODY_KEY, HANGUP_KEY, Hangup
 
 if TYPE_CHECKING:
     from routerd.fronts.http.server import HttpConnection
@@ -77,6 +77,8 @@ class Exchange:
     ) -> None:
         self._connection = connection
         self.scope = scope
+        scope[HANGUP_KEY] = hangup
+        scope[BODY_KEY] = self.whole_body
         self.keep_alive = keep_alive
         self._expect_continue = expect_continue
         self.hangup = hangup
@@ -111,6 +113,13 @@ class Exchange:
 
     async def run(self) -> None:
         """Run the app on this request; what it leaves unanswered gets a 500 or a close."""
+        try:
+            await self._run()
+        finally:
+            # The scope holds this exchange's method: no cycle is left for the collector.
+            del self.scope[BODY_KEY]
+
+    async def _run(self) -> None:
         try:
             await self._connection.site.app(self.scope, self.receive, self.send)
         except asyncio.CancelledError:

@@ -25,7 +25,7 @@ import httptools
 import structlog
 
 from routerd.fronts.http.asgi import Receive, Scope, Send
-from routerd.fronts.http.connections import BODY_KEY, CLIENT_KEY, HANGUP_KEY, Gate, Hangup
+from routerd.fronts.http.connections import CLIENT_KEY, Gate, Hangup
 from routerd.fronts.http.exchange import Exchange, status_line
 from routerd.fronts.peers import PeerPolicy, peer_of
 
@@ -352,8 +352,6 @@ class HttpConnection(asyncio.Protocol):
             expect_continue=self._expect,
             hangup=Hangup(),
         )
-        exchange.scope[HANGUP_KEY] = exchange.hangup
-        exchange.scope[BODY_KEY] = exchange.whole_body
         self._reading = exchange
         if self._serving is None:
             self._start(exchange)
