@@ -117,7 +117,7 @@ class _Request:
     path: str
     headers: Headers
     client: str  # who sent it, the dispatcher's fairness key
-    hangup: Hangup | None  # set by routerd's own protocol (connections.FrontProtocol)
+    hangup: Hangup | None  # set by routerd's own server (server.HttpConnection)
     whole_body: Callable[[], bytes | None] | None  # likewise (connections.BODY_KEY)
 
 
