@@ -51,9 +51,7 @@ async def length_app(scope: Scope, receive: Receive, send: Send) -> None:
 # ---- strategies --------------------------------------------------------------------------
 
 token = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=12)
-value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(
-    str.encode
-)
+value = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=40).map(str.encode)
 paths = st.one_of(
     st.sampled_from([b"/", b"/v1/chat/completions", b"/healthz", b"/a%2Fb", b"/%zz", b"*"]),
     st.text("abcxyz019/-._~%?=&", min_size=1, max_size=60).map(lambda t: b"/" + t.encode()),
