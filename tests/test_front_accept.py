@@ -11,6 +11,7 @@ import anyio
 
 from routerd.fronts.http.connections import LOG_INTERVAL_S, Throttle, accept_connections
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
+from tests.test_http_server import loopback_listener
 
 
 async def test_tcp_connections_are_served_without_nagle() -> None:
@@ -26,10 +27,7 @@ async def test_tcp_connections_are_served_without_nagle() -> None:
 
         return Recorder()
 
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.setblocking(False)
+    listener = loopback_listener()
     port = listener.getsockname()[1]
     try:
         with anyio.fail_after(5):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from typing import Any
 
 import anyio
@@ -24,8 +23,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from routerd.fronts.http.asgi import Receive, Scope, Send
-from routerd.fronts.http.connections import Gate, Throttle, accept_connections
+from routerd.fronts.http.connections import Gate
 from routerd.fronts.http.server import Site
+from tests.loopback import wait_until
+from tests.test_http_server import accepting
 
 EXAMPLES = int(os.environ.get("ROUTERD_FUZZ_EXAMPLES", "0")) or None
 pytestmark = pytest.mark.timeout(90 + (EXAMPLES or 0) // 10)
@@ -149,22 +150,10 @@ async def serve_one(data: bytes) -> tuple[bytes, list[Any], Site, bytes]:
     errors: list[Any] = []
     asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
     site = Site(length_app, Gate("tcp", 10), head_timeout_s=5.0, keepalive_s=5.0)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(accept_connections, listener, site.protocol, Throttle(10.0))
-            written = await converse(data, port)
-            later = await converse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc", port)
-            with anyio.fail_after(5):
-                while site.tasks or site.connections:  # noqa: ASYNC110 - no event to wait on
-                    await anyio.sleep(0.005)
-            tg.cancel_scope.cancel()
-    finally:
-        listener.close()
+    async with accepting(site) as port:
+        written = await converse(data, port)
+        later = await converse(b"POST / HTTP/1.1\r\ncontent-length: 3\r\n\r\nabc", port)
+        await wait_until(lambda: not (site.tasks or site.connections))
     return written, errors, site, later
 
 

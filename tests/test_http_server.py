@@ -26,25 +26,39 @@ from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
 
+def loopback_listener() -> socket.socket:
+    """A listening, non-blocking TCP socket on a free port of 127.0.0.1."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    return listener
+
+
+@asynccontextmanager
+async def accepting(site: Site) -> AsyncIterator[int]:
+    """``site`` takes connections on a loopback port (yielded) until the block ends; what
+    it has open stays open."""
+    listener = loopback_listener()
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(accept_connections, listener, site.protocol, Throttle(10.0))
+            yield listener.getsockname()[1]
+            tg.cancel_scope.cancel()
+    finally:
+        listener.close()
+
+
 @asynccontextmanager
 async def serving(
     app: App, *, keepalive_s: float = 5.0, head_timeout_s: float = 5.0
 ) -> AsyncIterator[tuple[Site, int]]:
     """``app`` served on a loopback port by a Site; the site shuts down on the way out."""
     site = Site(app, Gate("tcp", 100), head_timeout_s=head_timeout_s, keepalive_s=keepalive_s)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.setblocking(False)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(accept_connections, listener, site.protocol, Throttle(10.0))
-            yield site, listener.getsockname()[1]
-            tg.cancel_scope.cancel()
-        with anyio.fail_after(5):
-            await site.shutdown(1.0)
-    finally:
-        listener.close()
+    async with accepting(site) as port:
+        yield site, port
+    with anyio.fail_after(5):
+        await site.shutdown(1.0)
 
 
 async def reply(status: int, body: bytes, send: Any, *headers: tuple[bytes, bytes]) -> None:
@@ -358,13 +372,7 @@ async def test_shutdown_closes_idle_connections_and_waits_for_running_requests()
         await echo(scope, receive, send)
 
     site = Site(app, Gate("tcp", 100), head_timeout_s=5, keepalive_s=5)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-    listener.setblocking(False)
-    port = listener.getsockname()[1]
-    async with anyio.create_task_group() as accepting:
-        accepting.start_soon(accept_connections, listener, site.protocol, Throttle(10.0))
+    async with accepting(site) as port:
         idle = Client(await anyio.connect_tcp("127.0.0.1", port))
         slow = Client(await anyio.connect_tcp("127.0.0.1", port))
         stuck = Client(await anyio.connect_tcp("127.0.0.1", port))
@@ -373,8 +381,6 @@ async def test_shutdown_closes_idle_connections_and_waits_for_running_requests()
         await slow.stream.send(request("GET", "/slow"))
         await stuck.stream.send(request("GET", "/forever"))
         await wait_until(lambda: len(site.tasks) == 2)
-        accepting.cancel_scope.cancel()
-    listener.close()
     with anyio.fail_after(5):
         async with anyio.create_task_group() as stopping:
             stopping.start_soon(site.shutdown, 0.5)

@@ -150,8 +150,7 @@ class Exchange:
         """The body, if it has all arrived and none of it was received yet; else None."""
         if self.more_body or self.delivered or self.disconnected:
             return None
-        body: bytes = self._take()["body"]
-        return body
+        return self._take()
 
     async def receive(self) -> Message:
         """The next piece of the body; http.disconnect once the client left, or, after the
@@ -162,19 +161,21 @@ class Exchange:
                 self._connection.write(_CONTINUE)
         while not (self.disconnected or self.complete):
             if self.chunks or (not self.more_body and not self.delivered):
-                return self._take()
+                body = self._take()
+                return {"type": "http.request", "body": body, "more_body": self.more_body}
             self._connection.resume_reading()
             await self._wait()
         return {"type": "http.disconnect"}
 
-    def _take(self) -> Message:
+    def _take(self) -> bytes:
+        """The body parsed so far and not yet received, now received."""
         chunks = self.chunks
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self.buffered = 0
         self.delivered = not self.more_body
         self._connection.resume_reading()
-        return {"type": "http.request", "body": body, "more_body": self.more_body}
+        return body
 
     async def _wait(self) -> None:
         self._waiter = waiter = asyncio.get_running_loop().create_future()

@@ -115,12 +115,14 @@ class Site:
         for connection in list(self.connections):
             connection.shutdown()
         with anyio.move_on_after(graceful_s):
-            while self.tasks:
-                await asyncio.wait(list(self.tasks))
+            await self._tasks_ended()
         self.abort()
         with anyio.move_on_after(graceful_s, shield=True):
-            while self.tasks:
-                await asyncio.wait(list(self.tasks))
+            await self._tasks_ended()
+
+    async def _tasks_ended(self) -> None:
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
 
     def abort(self) -> None:
         """Cancel every request and close every connection, now."""
