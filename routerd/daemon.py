@@ -267,6 +267,7 @@ class Daemon:
     def _snapshot(self) -> state_file.StateFile:
         # On the event loop: requests add targets and change credentials between awaits, so
         # a snapshot taken in a worker thread could see a dict change size mid-iteration.
+        self.dispatcher.catch_up()
         return state_file.snapshot(
             [a.state for a in self.actors.values()],
             [t.breaker for t in self.dispatcher.targets.values()],

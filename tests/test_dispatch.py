@@ -430,4 +430,41 @@ async def test_a_failed_request_and_its_breaker_are_logged_at_warning() -> None:
     async with running(lambda call, label: None) as (dispatcher, _):
         with structlog.testing.capture_logs() as logs:
             await dispatcher.chat("r", request(SHORT))
+            # A reply's line follows the reply, on the loop's next turn.
+            assert [e for e in logs if e["event"] == "request"] == []
+            await anyio.lowlevel.checkpoint()
     assert [e["log_level"] for e in logs if e["event"] == "request"] == ["info"]
+
+
+async def test_a_reply_returns_before_its_bookkeeping_which_every_plan_and_status_sees() -> None:
+    async with running(lambda call, label: None) as (dispatcher, _):
+        key = dispatcher.targets["anthropic/claude"].pool[0]
+        await dispatcher.chat("r", request(SHORT))
+        # The reply came back with its attempt still to settle: the answer leaves first.
+        assert (key.in_flight, key.successes) == (1, 0)
+        dispatcher.sweep()  # what status and /metrics do first
+        assert (key.in_flight, key.successes) == (0, 1)
+        # With no turn of the loop between them, each plan settles the reply before it.
+        for _ in range(3):
+            assert (await dispatcher.chat("r", request(SHORT))).credential == "a"
+        assert (key.in_flight, key.successes) == (1, 3)
+        await anyio.lowlevel.checkpoint()
+        assert (key.in_flight, key.successes) == (0, 4)
+        await dispatcher.wait_idle()
+
+
+async def test_a_failed_attempt_is_settled_before_the_request_goes_on() -> None:
+    def first_fails(call: Call, label: str) -> Failure | None:
+        if label == "a":
+            return Failure(FailureClass.RATE_LIMITED, "429", 429, retry_after=30.0)
+        return None
+
+    async with running(first_fails) as (dispatcher, _):
+        a, b = dispatcher.targets["anthropic/claude"].pool
+        reply = await dispatcher.chat("r", request(SHORT))
+        assert reply.credential == "b"
+        # The 429 cooled "a" at once; only the reply from "b" is still owed.
+        assert (a.in_flight, a.health.value) == (0, "cooling")
+        assert b.in_flight == 1
+        await anyio.lowlevel.checkpoint()
+        assert b.in_flight == 0

@@ -12,10 +12,10 @@ are made on demand and kept within bounds (``routes.py``).
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
@@ -24,7 +24,7 @@ import structlog
 
 from routerd.core import routing as core
 from routerd.core.affinity import Affinity, session_in, session_key
-from routerd.core.calls import Attempt, Completion, Delta, Reply
+from routerd.core.calls import Completion, Delta, Reply
 from routerd.core.errors import Refused
 from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.core.plan import Candidate, Exclusions, Plan, Target, plan
@@ -37,61 +37,17 @@ from routerd.dispatch.attempt import (
     settled_outcome,
     streamed,
 )
-from routerd.dispatch.queue import Waiter, give_up, hopeless
+from routerd.dispatch.job import MAX_ATTEMPTS, Job, OnDelta
+from routerd.dispatch.queue import Waiter, give_up
 from routerd.dispatch.routes import Route, RouteTable
 from routerd.dispatch.sharing import Sharing
 from routerd.dispatch.sticky import place
 
 log = structlog.get_logger("routerd.dispatch")
 
-OnDelta = Callable[[Delta], Awaitable[None]]
-# However many keys and targets a route has, one request makes at most this many attempts.
-MAX_ATTEMPTS = 32
 # Called once per finished request: (route, target of the last attempt or None, outcome,
 # latency in seconds of that last upstream attempt). The metrics hang on it.
 Observer = Callable[[str, str | None, str, float], None]
-
-
-@dataclass(slots=True)
-class _Job:
-    """One request as the dispatcher works it: what it asks for, and what it tried so far."""
-
-    route: Route
-    request: dict[str, Any]
-    stream: bool
-    on_delta: OnDelta | None
-    deadline_at: float
-    # (priority, client): its place among the route's waiters.
-    sender: tuple[int, str]
-    prompt: int = 0
-    tokens: int = 0
-    attempts: list[Attempt] = field(default_factory=list)
-    exclusions: Exclusions = field(default_factory=Exclusions)
-    retries_left: int = 0
-    last_failure: Failure | None = None
-    # The conversation (its hashed session key), and whether its placement was counted.
-    session: str | None = None
-    placed: bool = False
-
-    def retry_round(self) -> bool:
-        """Every target failed this request once: the retry budget pays for another round,
-        which the breakers pace (an open breaker makes it wait)."""
-        if not (self.exclusions.down and self.retries_left > 0):
-            return False
-        if not _all_excluded(self.route, self.exclusions):
-            return False
-        self.retries_left -= 1
-        self.exclusions.down.clear()
-        return True
-
-    def beyond_help(self, decision: Plan) -> bool:
-        """Whether to give up now rather than wait. A long request whose lanes all cool past
-        its deadline is told at once (hopeless), so the agent can compact and resend."""
-        return (
-            len(self.attempts) >= MAX_ATTEMPTS
-            or _all_excluded(self.route, self.exclusions)
-            or hopeless(decision, self.deadline_at)
-        )
 
 
 class Dispatcher:
@@ -141,6 +97,10 @@ class Dispatcher:
         self._idle: anyio.Event | None = None
         # The routes that had waiters since the last notify: only they need a look.
         self._queued: dict[str, Route] = {}
+        # What replies left to do (settling their attempts, their log lines), done once the
+        # reply is on its way to its client: on the loop's next turn, or before the next
+        # plan, status or state snapshot, whichever comes first (catch_up).
+        self._owed: list[Callable[[], None]] = []
 
     # ---- routes -----------------------------------------------------------------------
 
@@ -182,7 +142,9 @@ class Dispatcher:
         self._table.configure(default_deadline_s, max_adhoc_targets, adhoc_idle_s, configured)
 
     def sweep(self, now: float | None = None) -> None:
-        """Drop the ad-hoc targets that no request used for server.adhoc_idle_s."""
+        """Drop the ad-hoc targets that no request used for server.adhoc_idle_s (status and
+        /metrics call this first: it also settles the replies just sent)."""
+        self.catch_up()
         self._table.sweep(self._clock() if now is None else now)
 
     async def wait_idle(self) -> None:
@@ -190,17 +152,20 @@ class Dispatcher:
         if self.in_flight:
             self._idle = anyio.Event()
             await self._idle.wait()
+        self.catch_up()
 
     # ---- waking waiters ---------------------------------------------------------------
 
     def notify(self) -> None:
         """Capacity may have freed up: on each route, wake the one waiter that may use it."""
+        if self._owed:
+            self.catch_up()  # which notifies again, once each reply is settled
         now = self._clock()
         for name, route in list(self._queued.items()):
             if route.queue:
                 route.queue.kick(self._assess(route), now)
             else:
-                del self._queued[name]
+                self._queued.pop(name, None)
 
     def _assess(
         self, route: Route, *, first_only: bool = True
@@ -208,6 +173,8 @@ class Dispatcher:
         """The route's plan at a time; ``first_only``: just its first candidate, if any."""
 
         def assess(tokens: int, prompt: int, exclusions: Exclusions, now: float) -> Plan:
+            if self._owed:
+                self.catch_up()
             return plan(
                 route.chain,
                 tokens,
@@ -252,7 +219,7 @@ class Dispatcher:
             self.refused(exc.kind)
             raise
         started = self._clock()
-        job = _Job(route, request, stream, on_delta, started + budget, (priority, client))
+        job = Job(route, request, stream, on_delta, started + budget, (priority, client))
         job.retries_left = route.retries
         session = session or session_in(request)
         if session and self.affinity.enabled:
@@ -282,13 +249,22 @@ class Dispatcher:
         if self._observer is not None:
             self._observer("", None, kind, 0.0)
 
-    def _finished(self, job: _Job, outcome: str, started: float) -> None:
-        """A request ended: free its place, log its one line, tell the observer."""
+    def _finished(self, job: Job, outcome: str, started: float) -> None:
+        """A request ended: free its place now; its log line and the observer follow a
+        reply (catch_up), and come at once for anything else."""
         self.in_flight -= 1
         job.route.active -= 1
-        self._table.used(job.route, self._clock())
+        ended = self._clock()
+        self._table.used(job.route, ended)
         if not self.in_flight and self._idle is not None:
             self._idle.set()
+        if outcome == "ok":
+            self._owe(partial(self._account, job, outcome, ended - started))
+        else:
+            self._account(job, outcome, ended - started)
+
+    def _account(self, job: Job, outcome: str, took_s: float) -> None:
+        """A request's one log line, and the observer's count of it."""
         last = job.attempts[-1] if job.attempts else None
         # A failed request is a warning, so filtering warnings shows an outage; a reply, or
         # a client that cancelled its own request, is routine.
@@ -301,13 +277,13 @@ class Dispatcher:
             target=last.target if last else None,
             credential=last.credential if last else None,
             attempts=len(job.attempts),
-            ms=round((self._clock() - started) * 1000, 2),
+            ms=round(took_s * 1000, 2),
         )
         if self._observer is not None:
             upstream_s = (last.latency_ms or 0.0) / 1000 if last else 0.0
             self._observer(job.route.name, last.target if last else None, outcome, upstream_s)
 
-    async def _serve(self, job: _Job) -> Reply:
+    async def _serve(self, job: Job) -> Reply:
         """Attempt candidates in plan order, waiting in the route's queue when none is free."""
         route = job.route
         queue, assess = route.queue, self._assess(route)
@@ -369,7 +345,7 @@ class Dispatcher:
                 queue.leave(waiter, assess, self._clock())
 
     async def _attempt(
-        self, candidate: Candidate, job: _Job, leased: Callable[[], None] | None = None
+        self, candidate: Candidate, job: Job, leased: Callable[[], None] | None = None
     ) -> Reply | Failure | None:
         """One call with one credential, begun and settled by the core; a Failure means
         try again, None that the hosts sharing the key left no room for it now (plan again:
@@ -414,15 +390,43 @@ class Dispatcher:
             done = self._clock()
             latency_ms = (done - ticket.started) * 1000
             outcome = settled_outcome(result, latency_ms) if sent else core.NOT_SENT
-            events = self.core.settle(ticket, outcome, done)
-            self._on_events(actor, events)
-            if self.sharing is not None:
-                self.sharing.settled(candidate, ticket, events)
+            settle = partial(self._settle, actor, candidate, ticket, outcome, done)
+            if isinstance(result, Completion):
+                self._owe(settle)  # the reply first; a failure is settled before the next plan
+            else:
+                settle()
         settled = record(candidate, result, round(latency_ms, 2), delivered, job.attempts)
         if isinstance(settled, Failure):
             job.last_failure = settled
             core.rule_out(candidate, settled, job.exclusions)
         return settled
+
+    def _settle(
+        self,
+        actor: CredentialActor,
+        candidate: Candidate,
+        ticket: core.AttemptTicket,
+        outcome: core.Outcome,
+        now: float,
+    ) -> None:
+        events = self.core.settle(ticket, outcome, now)
+        self._on_events(actor, events)
+        if self.sharing is not None:
+            self.sharing.settled(candidate, ticket, events)
+
+    def _owe(self, work: Callable[[], None]) -> None:
+        if not self._owed:
+            asyncio.get_running_loop().call_soon(self.catch_up)
+        self._owed.append(work)
+
+    def catch_up(self) -> None:
+        """Do what replies left to do, so that what follows sees every reply settled."""
+        owed, self._owed = self._owed, []
+        for work in owed:
+            try:
+                work()
+            except Exception:
+                log.exception("settle_crashed")
 
     def _on_events(self, actor: CredentialActor, events: list[core.Event]) -> None:
         """Hand what the core did to the credential's actor and the log, then wake waiters
@@ -441,7 +445,3 @@ class Dispatcher:
             else:
                 actor.report(event)
         self._on_change()
-
-
-def _all_excluded(route: Route, exclusions: Exclusions) -> bool:
-    return all(exclusions.excludes(target.name) for target in route.chain)

@@ -224,12 +224,16 @@ class Exchange:
             self._connection.finished(self)
 
     def _encode_head(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+        headers = list(headers)
+        # One scan of every name and value: a control character would let an app's header
+        # write a header (or a response) of its own.
+        if _BAD_HEADER.search(b"\t".join(part for header in headers for part in header)):
+            bad = next(name for name, value in headers if _BAD_HEADER.search(name + value))
+            raise RuntimeError(f"a control character in the response header {bad!r}")
         lines = [status_line(status)]
         length: int | None = None
         said_close = False
         for name, value in headers:
-            if _BAD_HEADER.search(name) or _BAD_HEADER.search(value):
-                raise RuntimeError(f"a control character in the response header {name!r}")
             lowered = name.lower()
             if lowered == b"content-length":
                 length = int(value)
