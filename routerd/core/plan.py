@@ -144,6 +144,8 @@ def order_pool(
     rotation: int,
 ) -> list[CredentialState]:
     """Order the usable credentials of one pool by the provider's rotation strategy."""
+    if len(pool) < 2:
+        return list(pool)  # one key (or none): every strategy agrees
     if strategy == "fill_first":
         return sorted(pool, key=lambda c: c.order)
     if strategy == "round_robin":
