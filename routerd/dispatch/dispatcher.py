@@ -3,8 +3,10 @@
 The routing core (``core/routing.py``) begins each attempt (the lease, in the same event-loop
 step as the plan) and settles it; the dispatcher calls the upstream adapter in between
 (``attempt.py`` builds the call and records its result) and hands the events the core
-returns to the log, the credential's actor and the waiters. Key
-switches are free; re-trying targets that already failed uses the route's retry budget.
+returns to the log, the credential's actor and the waiters. A reply goes back to its front
+before its attempt is settled and logged (``catch_up``: on the loop's next turn, or before
+the next plan, status or snapshot); a failure is settled at once. Key switches are free;
+re-trying targets that already failed uses the route's retry budget.
 When nothing is free the request waits in the route's fair queue (``queue.py``) for the
 earliest reset inside its deadline. Routes for provider/model names that no route names
 are made on demand and kept within bounds (``routes.py``).
