@@ -40,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -239,6 +240,14 @@ def start_responder(chunks: int) -> tuple[Child, int]:
 
 
 # --- routerd and LiteLLM ---------------------------------------------------------------
+
+
+def call_ns() -> float:
+    """What one Python function call takes here now (ns, best of five): this machine's speed
+    swings within minutes, and every figure with it."""
+    number = 200_000
+    best = min(timeit.repeat("f(1)", "def f(a, b=1): return a", number=number, repeat=5))
+    return best / number * 1e9
 
 
 def free_port() -> int:
@@ -806,6 +815,7 @@ def main() -> None:
         streams=args.streams or args.requests,
         stream_concurrency=args.stream_concurrency,
     )
+    speed_before = call_ns()
     token = "rt-" + secrets.token_hex(16)
     children: list[Child] = []
     litellm_note = "skipped (--skip-litellm)"
@@ -868,6 +878,10 @@ def main() -> None:
         f"{platform.machine()}, {os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
     print(f"{plan.rounds} rounds, paths interleaved (order rotating each round)")
+    print(
+        f"machine speed: one Python function call took {speed_before:.1f} ns before the run, "
+        f"{call_ns():.1f} ns after (lower is faster)"
+    )
     report(figures, plan, args.chunks)
     if routerd_log:
         print("routerd's log, last lines:")
