@@ -160,13 +160,12 @@ class Dispatcher:
 
     def notify(self) -> None:
         """Capacity may have freed up: on each route, wake the one waiter that may use it."""
-        if self._owed:
-            self.catch_up()  # which notifies again, once each reply is settled
         now = self._clock()
         for name, route in list(self._queued.items()):
             if route.queue:
                 route.queue.kick(self._assess(route), now)
             else:
+                # pop: a kick's plan settles owed replies, whose events notify again (re-entry)
                 self._queued.pop(name, None)
 
     def _assess(
