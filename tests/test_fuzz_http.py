@@ -127,22 +127,26 @@ async def converse(data: bytes, port: int) -> bytes:
     Bytes that leave a head or a body unfinished hold the server waiting: after a short
     while the client half-closes, which ends the connection (as a client's hang-up does).
     """
-    received = b""
+    received = bytearray()
     async with await anyio.connect_tcp("127.0.0.1", port) as stream:
         await stream.send(data + SENTINEL)
         with anyio.move_on_after(0.3):
-            try:
-                while True:
-                    received += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return received
+            if await read_until_closed(stream, received):
+                return bytes(received)
         await stream.send_eof()
         with anyio.fail_after(10):
-            try:
-                while True:
-                    received += await stream.receive()
-            except (anyio.EndOfStream, anyio.BrokenResourceError):
-                return received
+            await read_until_closed(stream, received)
+        return bytes(received)
+
+
+async def read_until_closed(stream: anyio.abc.ByteStream, into: bytearray) -> bool:
+    """Add what the server writes to ``into`` until it closes (True); the caller's scope
+    bounds the wait."""
+    try:
+        while True:
+            into += await stream.receive()
+    except (anyio.EndOfStream, anyio.BrokenResourceError):
+        return True
 
 
 async def serve_one(data: bytes) -> tuple[bytes, list[Any], Site, bytes]:
