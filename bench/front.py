@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from routerd_client import AsyncClient
@@ -65,6 +65,7 @@ DIRECT = "direct"
 MSGPACK = "routerd msgpack"
 HTTP_FRONT = "routerd HTTP front"
 LITELLM = "LiteLLM proxy"
+RELAY = "TCP relay (floor)"
 
 Call = Callable[[], Awaitable[None]]
 # A stream: returns (seconds to the first chunk, chunks received).
@@ -164,6 +165,83 @@ def serve_responder(chunks: int) -> None:
     web.run_app(app, sock=sock, print=None, access_log=None, handle_signals=True)
 
 
+def serve_relay(upstream_port: int) -> None:
+    """Run the TCP relay on 127.0.0.1 (a free port, printed on stdout) until SIGTERM.
+
+    Each client connection gets one connection of its own to the responder, and the bytes
+    are copied both ways as they come, nothing parsed: the least that any proxy process in
+    the path adds here (one more hop each way, four sockets instead of two, a third
+    process on the same cores). It runs on uvloop, as routerd does.
+    """
+    import uvloop
+
+    class Pipe(asyncio.Protocol):
+        """One side of a relayed connection; ``peer`` is the other side's transport."""
+
+        def __init__(self) -> None:
+            self.transport: asyncio.Transport | None = None
+            self.peer: Pipe | None = None
+            self.early: list[bytes] = []  # what came before the peer's connection was open
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+        def data_received(self, data: bytes) -> None:
+            if self.peer is None or self.peer.transport is None:
+                self.early.append(data)
+            else:
+                self.peer.transport.write(data)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.peer is not None and self.peer.transport is not None:
+                self.peer.transport.close()
+
+        def pause_writing(self) -> None:
+            assert self.peer is not None and self.peer.transport is not None
+            self.peer.transport.pause_reading()
+
+        def resume_writing(self) -> None:
+            assert self.peer is not None and self.peer.transport is not None
+            self.peer.transport.resume_reading()
+
+    class Accepted(Pipe):
+        """A client's connection: what it sends first waits for its upstream connection."""
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            asyncio.get_running_loop().create_task(self.connect())
+
+        async def connect(self) -> None:
+            loop = asyncio.get_running_loop()
+            try:
+                opened, upstream = await loop.create_connection(Pipe, "127.0.0.1", upstream_port)
+            except OSError:
+                assert self.transport is not None
+                self.transport.close()
+                return
+            # uvloop may call connection_made only after create_connection returned.
+            upstream.transport = opened
+            upstream.peer, self.peer = self, upstream
+            assert self.transport is not None
+            if self.transport.is_closing():
+                opened.close()
+            else:
+                opened.writelines(self.early)
+                self.early.clear()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(Accepted, "127.0.0.1", 0)
+        print(server.sockets[0].getsockname()[1], flush=True)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        server.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(serve())
+
+
 @dataclass
 class Child:
     """A process this benchmark started, stopped with SIGTERM (then SIGKILL)."""
@@ -219,20 +297,20 @@ def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
     return {"benchmark": time.process_time()} | cpu_seconds(roots)
 
 
-def start_responder(chunks: int) -> tuple[Child, int]:
-    """The responder process and its port."""
+def start_child(name: str, *args: str) -> tuple[Child, int]:
+    """This script in another mode (``args``), in its own process, and the port it prints."""
     process = subprocess.Popen(
-        [sys.executable, __file__, "--responder", "--chunks", str(chunks)],
+        [sys.executable, __file__, *args],
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         start_new_session=True,  # Ctrl-C reaches only the benchmark, which stops it
     )
-    child = Child("responder", process)
+    child = Child(name, process)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
         if not line.strip():
-            raise RuntimeError(f"the responder exited with {process.wait()} before listening")
+            raise RuntimeError(f"the {name} exited with {process.wait()} before listening")
         return child, int(line)
     except BaseException:
         child.stop()
@@ -573,6 +651,7 @@ class Plan:
 async def measure(
     plan: Plan,
     responder: str,
+    tcp_relay: str,
     socket_path: Path,
     http_front: str,
     token: str,
@@ -580,7 +659,7 @@ async def measure(
     roots: dict[str, int],
 ) -> dict[str, Figures]:
     """Every measurement on every path, interleaved in rounds; ``roots`` names the processes
-    whose CPU time is counted (the responder, routerd, LiteLLM's proxy)."""
+    whose CPU time is counted (the responder, the relay, routerd, LiteLLM's proxy)."""
     limit = max(*plan.concurrencies, plan.stream_concurrency) + 8
     timeout = aiohttp.ClientTimeout(total=120)
     sessions: list[aiohttp.ClientSession] = []
@@ -597,6 +676,7 @@ async def measure(
     paths: dict[str, tuple[Call, Stream]] = {}
     try:
         paths[DIRECT] = http_paths(session(), f"{responder}/chat/completions", MODEL, KEY)
+        paths[RELAY] = http_paths(session(), f"{tcp_relay}/chat/completions", MODEL, KEY)
         async with AsyncClient(str(socket_path), name="front-bench", timeout=120) as client:
             paths[MSGPACK] = msgpack_paths(client)
             paths[HTTP_FRONT] = http_paths(
@@ -801,9 +881,13 @@ def main() -> None:
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
     parser.add_argument("--litellm-timeout", type=float, default=180.0, help=argparse.SUPPRESS)
     parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--relay", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.responder:
         serve_responder(args.chunks)
+        return
+    if args.relay:
+        serve_relay(args.relay)
         return
 
     # SIGTERM as Ctrl-C: unwind through the finally blocks that stop every process.
@@ -822,12 +906,18 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         workdir = stack.enter_context(workspace())
         try:
-            responder, port = start_responder(args.chunks)
+            responder, port = start_child("responder", "--responder", "--chunks", str(args.chunks))
             children.append(responder)
             upstream = f"http://127.0.0.1:{port}/v1"
+            relay, relay_port = start_child("relay", "--relay", str(port))
+            children.append(relay)
             http_port = free_port()
             daemon = stack.enter_context(start_routerd(workdir, upstream, http_port, token))
-            roots = {"responder": responder.process.pid, "routerd": daemon.process.pid}
+            roots = {
+                "responder": responder.process.pid,
+                "relay": relay.process.pid,
+                "routerd": daemon.process.pid,
+            }
             litellm: tuple[str, str] | None = None
             if not args.skip_litellm:
                 litellm_port = free_port()
@@ -858,6 +948,7 @@ def main() -> None:
                 measure(
                     plan,
                     upstream,
+                    f"http://127.0.0.1:{relay_port}/v1",
                     daemon.socket_path,
                     f"http://127.0.0.1:{http_port}",
                     token,
