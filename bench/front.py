@@ -5,11 +5,12 @@ process, not routerd's mock: a fixed chat completion with OpenAI's rate-limit he
 with ``"stream": true`` an SSE stream of N chunks), a real ``routerd serve`` whose one route
 points at it (msgpack socket plus the HTTP front on loopback TCP), and LiteLLM's proxy
 (``litellm --config``) with one model pointing at it. The same load generator (an aiohttp
-client in this process) drives every HTTP path: the responder directly, routerd's HTTP
+client in this process) drives every HTTP path: the responder directly, a TCP relay that
+copies bytes and parses nothing (the least any proxy process adds here), routerd's HTTP
 front and LiteLLM's proxy; ``routerd_client.AsyncClient`` drives the msgpack socket.
 
 Measured, every path interleaved in rounds (the order rotating) so that drift on the
-machine weighs on all alike:
+machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 25 requests:
 
 - concurrency 1: p50 and p99, and what each path adds to the direct call;
 - throughput (requests/s) at concurrency 16 and 64, as a % of direct, and routerd's
@@ -585,17 +586,32 @@ async def run_many(
     return len(results), results
 
 
-async def latency(call: Call, total: int, figures: Figures) -> None:
-    """Concurrency 1: each request's latency (after a short warm-up)."""
-    await run_many(call, min(10, total), 1, Figures())  # warm-up
-    for _ in range(total):
-        started = time.perf_counter()
-        try:
-            await call()
-        except Exception as exc:
-            figures.failed(exc)
-            continue
-        figures.latency_ms.append((time.perf_counter() - started) * 1000)
+def rotated(names: list[str], turn: int) -> list[str]:
+    """``names`` starting at the ``turn``-th, wrapping around."""
+    shift = turn % len(names)
+    return names[shift:] + names[:shift]
+
+
+# At concurrency 1 the paths take turns in blocks this long, each after one unmeasured call:
+# short enough that a swing in the machine's speed (seconds to minutes here) meets every
+# path alike, long enough that each path is measured warm, as it runs when it is busy.
+BLOCK = 25
+
+
+async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures]) -> None:
+    """Concurrency 1: each request's latency, the paths taking turns block by block."""
+    for turn, start in enumerate(range(0, total, BLOCK)):
+        for name in rotated(list(calls), turn):
+            call = calls[name]
+            await run_many(call, 1, 1, Figures())  # the block's warm-up
+            for _ in range(min(BLOCK, total - start)):
+                started = time.perf_counter()
+                try:
+                    await call()
+                except Exception as exc:
+                    figures[name].failed(exc)
+                    continue
+                figures[name].latency_ms.append((time.perf_counter() - started) * 1000)
 
 
 async def throughput(
@@ -615,16 +631,20 @@ async def throughput(
     figures.throughput[concurrency] = (before[0] + served, before[1] + seconds)
 
 
-async def first_chunk(stream: Stream, total: int, figures: Figures) -> None:
-    """Concurrency 1: time to the first content chunk of each stream."""
-    await run_many(stream, min(5, total), 1, Figures())  # warm-up
-    for _ in range(total):
-        try:
-            first, _ = await stream()
-        except Exception as exc:
-            figures.failed(exc)
-            continue
-        figures.ttfc_ms.append(first * 1000)
+async def first_chunk(streams: dict[str, Stream], total: int, figures: dict[str, Figures]) -> None:
+    """Concurrency 1: time to the first content chunk of each stream, block by block as
+    ``latency`` takes its turns."""
+    for turn, start in enumerate(range(0, total, BLOCK)):
+        for name in rotated(list(streams), turn):
+            stream = streams[name]
+            await run_many(stream, 1, 1, Figures())  # the block's warm-up
+            for _ in range(min(BLOCK, total - start)):
+                try:
+                    first, _ = await stream()
+                except Exception as exc:
+                    figures[name].failed(exc)
+                    continue
+                figures[name].ttfc_ms.append(first * 1000)
 
 
 async def relay(stream: Stream, total: int, concurrency: int, figures: Figures) -> None:
@@ -688,22 +708,18 @@ async def measure(
                     session(), f"{litellm_url}/v1/chat/completions", MODEL, master_key
                 )
             figures = {name: Figures() for name in paths}
-            names = list(paths)
-
-            def order(round_no: int) -> list[str]:
-                shift = round_no % len(names)
-                return names[shift:] + names[:shift]
-
+            calls = {name: call for name, (call, _) in paths.items()}
+            streams = {name: stream for name, (_, stream) in paths.items()}
             per_round = max(1, plan.requests // plan.rounds)
             streams_per_round = max(1, plan.streams // plan.rounds)
             for r in range(plan.rounds):
                 step = time.monotonic()
-                for name in order(r):
+                await latency(calls, per_round, figures)
+                await first_chunk(streams, max(1, per_round // 2), figures)
+                for name in rotated(list(paths), r):
                     call, stream = paths[name]
-                    await latency(call, per_round, figures[name])
                     for concurrency in plan.concurrencies:
                         await throughput(call, per_round, concurrency, figures[name], roots)
-                    await first_chunk(stream, max(1, per_round // 2), figures[name])
                     await relay(stream, streams_per_round, plan.stream_concurrency, figures[name])
                 print(
                     f"  round {r + 1}/{plan.rounds} done in {time.monotonic() - step:.1f} s",
