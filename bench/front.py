@@ -10,7 +10,8 @@ copies bytes and parses nothing (the least any proxy process adds here), routerd
 front and LiteLLM's proxy; ``routerd_client.AsyncClient`` drives the msgpack socket.
 
 Measured, every path interleaved in rounds (the order rotating) so that drift on the
-machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 25 requests:
+machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 25 requests
+(LiteLLM's proxy, 50 times slower, apart):
 
 - concurrency 1: p50 and p99, and what each path adds to the direct call;
 - throughput (requests/s) at concurrency 16 and 64, as a % of direct, and routerd's
@@ -592,10 +593,11 @@ def rotated(names: list[str], turn: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
-# At concurrency 1 the paths take turns in blocks this long, each after one unmeasured call:
-# short enough that a swing in the machine's speed (seconds to minutes here) meets every
-# path alike, long enough that each path is measured warm, as it runs when it is busy.
+# At concurrency 1 the paths take turns in blocks this long, each after WARMUP unmeasured
+# calls: short enough that a swing in the machine's speed (seconds to minutes here) meets
+# every path alike, long enough that each path is measured warm, as it runs when it is busy.
 BLOCK = 25
+WARMUP = 3
 
 
 async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures]) -> None:
@@ -603,7 +605,7 @@ async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures
     for turn, start in enumerate(range(0, total, BLOCK)):
         for name in rotated(list(calls), turn):
             call = calls[name]
-            await run_many(call, 1, 1, Figures())  # the block's warm-up
+            await run_many(call, WARMUP, 1, Figures())  # the block's warm-up
             for _ in range(min(BLOCK, total - start)):
                 started = time.perf_counter()
                 try:
@@ -637,7 +639,7 @@ async def first_chunk(streams: dict[str, Stream], total: int, figures: dict[str,
     for turn, start in enumerate(range(0, total, BLOCK)):
         for name in rotated(list(streams), turn):
             stream = streams[name]
-            await run_many(stream, 1, 1, Figures())  # the block's warm-up
+            await run_many(stream, WARMUP, 1, Figures())  # the block's warm-up
             for _ in range(min(BLOCK, total - start)):
                 try:
                     first, _ = await stream()
@@ -714,8 +716,17 @@ async def measure(
             streams_per_round = max(1, plan.streams // plan.rounds)
             for r in range(plan.rounds):
                 step = time.monotonic()
-                await latency(calls, per_round, figures)
-                await first_chunk(streams, max(1, per_round // 2), figures)
+                # LiteLLM's proxy takes its concurrency-1 turns apart: its blocks last 50 times
+                # longer than the others', and after one the others would start cold.
+                for group in (
+                    [n for n in paths if n != LITELLM],
+                    [n for n in paths if n == LITELLM],
+                ):
+                    if group:
+                        await latency({n: calls[n] for n in group}, per_round, figures)
+                        await first_chunk(
+                            {n: streams[n] for n in group}, max(1, per_round // 2), figures
+                        )
                 for name in rotated(list(paths), r):
                     call, stream = paths[name]
                     for concurrency in plan.concurrencies:
