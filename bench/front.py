@@ -178,7 +178,7 @@ def serve_relay(upstream_port: int) -> None:
     import uvloop
 
     class Pipe(asyncio.Protocol):
-        """One side of a relayed connection; ``peer`` is the other side's transport."""
+        """One side of a relayed connection; ``peer`` is the other side."""
 
         def __init__(self) -> None:
             self.transport: asyncio.Transport | None = None
@@ -600,20 +600,35 @@ BLOCK = 25
 WARMUP = 3
 
 
-async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures]) -> None:
-    """Concurrency 1: each request's latency, the paths taking turns block by block."""
+async def in_turns(
+    works: dict[str, Callable[[], Awaitable[Any]]],
+    total: int,
+    figures: dict[str, Figures],
+    record: Callable[[Figures, Any, float], None],
+) -> None:
+    """Concurrency 1: ``total`` calls of each path, the paths taking turns block by block;
+    ``record`` keeps each call's figure (from its result and the seconds it took)."""
     for turn, start in enumerate(range(0, total, BLOCK)):
-        for name in rotated(list(calls), turn):
-            call = calls[name]
-            await run_many(call, WARMUP, 1, Figures())  # the block's warm-up
+        for name in rotated(list(works), turn):
+            work = works[name]
+            await run_many(work, WARMUP, 1, Figures())  # the block's warm-up
             for _ in range(min(BLOCK, total - start)):
                 started = time.perf_counter()
                 try:
-                    await call()
+                    result = await work()
                 except Exception as exc:
                     figures[name].failed(exc)
                     continue
-                figures[name].latency_ms.append((time.perf_counter() - started) * 1000)
+                record(figures[name], result, time.perf_counter() - started)
+
+
+async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures]) -> None:
+    """Concurrency 1: each request's latency."""
+
+    def record(path: Figures, _: None, seconds: float) -> None:
+        path.latency_ms.append(seconds * 1000)
+
+    await in_turns(calls, total, figures, record)
 
 
 async def throughput(
@@ -634,19 +649,12 @@ async def throughput(
 
 
 async def first_chunk(streams: dict[str, Stream], total: int, figures: dict[str, Figures]) -> None:
-    """Concurrency 1: time to the first content chunk of each stream, block by block as
-    ``latency`` takes its turns."""
-    for turn, start in enumerate(range(0, total, BLOCK)):
-        for name in rotated(list(streams), turn):
-            stream = streams[name]
-            await run_many(stream, WARMUP, 1, Figures())  # the block's warm-up
-            for _ in range(min(BLOCK, total - start)):
-                try:
-                    first, _ = await stream()
-                except Exception as exc:
-                    figures[name].failed(exc)
-                    continue
-                figures[name].ttfc_ms.append(first * 1000)
+    """Concurrency 1: time to the first content chunk of each stream."""
+
+    def record(path: Figures, result: tuple[float, int], _: float) -> None:
+        path.ttfc_ms.append(result[0] * 1000)
+
+    await in_turns(streams, total, figures, record)
 
 
 async def relay(stream: Stream, total: int, concurrency: int, figures: Figures) -> None:
