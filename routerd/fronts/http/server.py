@@ -28,6 +28,7 @@ from routerd.fronts.http.asgi import Receive, Scope, Send
 from routerd.fronts.http.connections import CLIENT_KEY, Gate, Hangup
 from routerd.fronts.http.exchange import Exchange, status_line
 from routerd.fronts.peers import PeerPolicy, peer_of
+from routerd.fronts.tasks import RequestTasks
 
 log = structlog.get_logger("routerd.front")
 
@@ -85,7 +86,7 @@ class Site:
         self.keepalive_s = keepalive_s
         self.peers = peers
         self.connections: set[HttpConnection] = set()
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks = RequestTasks()
         self._date = (0, b"")
 
     def protocol(self) -> HttpConnection:
@@ -100,14 +101,9 @@ class Site:
         return self._date[1]
 
     def spawn(self, exchange: Exchange) -> None:
-        """Run ``exchange`` in a task of its own, held here until it ends.
-
-        A plain asyncio task rather than a task group's: a request's task costs a fifth of
-        anyio's ``start_soon``, and shutdown() awaits and cancels these itself.
-        """
-        task = asyncio.get_running_loop().create_task(exchange.run())
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        """Run ``exchange`` in a task of its own (``RequestTasks``), held here until it ends;
+        shutdown() awaits and cancels these."""
+        self.tasks.spawn(exchange.run())
 
     async def shutdown(self, graceful_s: float) -> None:
         """Close idle connections, give running requests ``graceful_s`` to finish, then
@@ -115,19 +111,14 @@ class Site:
         for connection in list(self.connections):
             connection.shutdown()
         with anyio.move_on_after(graceful_s):
-            await self._tasks_ended()
+            await self.tasks.ended()
         self.abort()
         with anyio.move_on_after(graceful_s, shield=True):
-            await self._tasks_ended()
-
-    async def _tasks_ended(self) -> None:
-        while self.tasks:
-            await asyncio.wait(list(self.tasks))
+            await self.tasks.ended()
 
     def abort(self) -> None:
         """Cancel every request and close every connection, now."""
-        for task in list(self.tasks):
-            task.cancel()
+        self.tasks.cancel()
         for connection in list(self.connections):
             connection.close()
 

@@ -9,7 +9,6 @@ and gives the client a moment to read it before the socket closes.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import os
 import socket
@@ -46,6 +45,7 @@ from routerd.fronts.msgpack.framing import FrameReader, FrameStalled
 from routerd.fronts.msgpack.guard import MAX_DEPTH, check_chat, check_messages, peek_id
 from routerd.fronts.msgpack.replies import error_message, result_message
 from routerd.fronts.peers import Peer, PeerPolicy, peer_of
+from routerd.fronts.tasks import RequestTasks
 
 log = structlog.get_logger("routerd.server")
 
@@ -197,9 +197,10 @@ class Connection:
         self._hanging_up = False
         # Requests whose reply could not be encoded: they were answered with an Error.
         self._failed: set[int] = set()
-        # The Chat requests running: plain asyncio tasks (a fifth of what anyio's start_soon
-        # costs a request), which serve() cancels and awaits before the connection closes.
-        self._chats: set[asyncio.Task[None]] = set()
+        # The Chat requests running, which serve() cancels and awaits before the connection
+        # closes (a request cancelled by the daemon's shutdown still tells its client so,
+        # see _run_chat).
+        self._chats = RequestTasks(self._chat_crashed)
 
     async def send(self, message: DaemonMessage) -> None:
         """Write one frame; a client that went away just ends the writer.
@@ -304,7 +305,8 @@ class Connection:
                 requests.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
-                await self._end_chats()
+                self._chats.cancel()
+                await self._chats.ended()
                 if farewell is not None:
                     with anyio.move_on_after(LINGER_S):  # a client that reads nothing
                         await self.send(farewell)
@@ -351,9 +353,7 @@ class Connection:
                 return
             scope = anyio.CancelScope()
             self.requests[message.id] = scope
-            task = asyncio.get_running_loop().create_task(self._run_chat(message, scope))
-            self._chats.add(task)
-            task.add_done_callback(self._chat_done)
+            self._chats.spawn(self._run_chat(message, scope))
         elif isinstance(message, Cancel):
             running = self.requests.get(message.id)
             if running is not None:
@@ -368,18 +368,8 @@ class Connection:
             # A second Hello: the client lost track of the connection's state.
             raise _HangUp(f"unexpected {type(message).__name__} frame")
 
-    def _chat_done(self, task: asyncio.Task[None]) -> None:
-        self._chats.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("request_crashed", conn=self.id, exc_info=task.exception())
-
-    async def _end_chats(self) -> None:
-        """Cancel the requests still running and wait for each to end (a request cancelled
-        by the daemon's shutdown still tells its client so, see _run_chat)."""
-        for task in self._chats:
-            task.cancel()
-        while self._chats:
-            await asyncio.wait(list(self._chats))
+    def _chat_crashed(self, exc: BaseException) -> None:
+        log.error("request_crashed", conn=self.id, exc_info=exc)
 
     async def _run_reload(self, request_id: int) -> None:
         # Changing the config is the operator's: the daemon's own user, or root.
