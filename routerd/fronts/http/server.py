@@ -318,18 +318,19 @@ class HttpConnection(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        self._head_size += len(url)
-        if self._head_size > MAX_HEAD:
-            raise _HeadTooLarge
+        self._count(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._head_size += len(name) + len(value) + 4
-        if self._head_size > MAX_HEAD:
-            raise _HeadTooLarge
+        self._count(len(name) + len(value) + 4)
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self._expect = True
         self._headers.append((name, value))
+
+    def _count(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > MAX_HEAD:
+            raise _HeadTooLarge
 
     def on_headers_complete(self) -> None:
         """The head is whole: its timer stops and the request is served (or waits its turn)."""
