@@ -9,11 +9,13 @@ import pytest
 
 from routerd.core.limits import (
     anthropic_limits,
+    go_duration_reset,
     limits_from_headers,
     openai_limits,
     parse_go_duration,
     parse_rfc3339,
     retry_after,
+    rfc3339_reset,
     window_reset,
 )
 from routerd.core.outcome import Window
@@ -41,6 +43,42 @@ NOW = datetime(2025, 8, 21, 12, 40, 0, tzinfo=UTC).timestamp()
 )
 def test_go_durations_become_seconds(text: str, seconds: float) -> None:
     assert parse_go_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [
+        ("6m0s", 1.0),
+        ("1s", 1.0),
+        ("2m59.56s", 0.01),
+        ("1.234s", 0.001),
+        ("12ms", 0.001),
+        ("7.66ms", 0.00001),
+        ("1h", 3600.0),
+        ("60", 1.0),
+        ("0.5", 0.1),
+    ],
+)
+def test_a_go_duration_reset_knows_the_unit_of_its_last_digit(text: str, step: float) -> None:
+    # A reset is rounded up to the unit it is written in: "6m0s" may be 5m59.2s.
+    reset = go_duration_reset(text)
+    assert reset is not None and reset[1] == pytest.approx(step)
+    assert reset[0] == pytest.approx(parse_go_duration(text) or 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "step"),
+    [
+        ("2025-08-21T12:40:59Z", 1.0),
+        ("2025-08-21T12:40:59.5Z", 0.1),
+        ("2025-08-21T12:40:59.123+00:00", 0.001),
+        ("2025-08-21T12:40:59", 1.0),
+    ],
+)
+def test_an_rfc3339_reset_knows_the_unit_of_its_last_digit(text: str, step: float) -> None:
+    reset = rfc3339_reset(text, NOW)
+    assert reset is not None and reset[1] == pytest.approx(step)
+    assert reset[0] == parse_rfc3339(text, NOW)
 
 
 @pytest.mark.parametrize(
@@ -95,8 +133,8 @@ def test_openai_limits_read_both_windows() -> None:
         }
     )
     report = openai_limits(headers)
-    assert report.requests == Window(limit=60, remaining=59, reset_s=1.0)
-    assert report.tokens == Window(limit=150000, remaining=149984, reset_s=360.0)
+    assert report.requests == Window(limit=60, remaining=59, reset_s=1.0, reset_step_s=1.0)
+    assert report.tokens == Window(limit=150000, remaining=149984, reset_s=360.0, reset_step_s=1.0)
     assert report.requests_per_day is False
     assert not report.is_empty()
 
@@ -137,10 +175,11 @@ def test_anthropic_limits_turn_rfc3339_resets_into_seconds_from_now() -> None:
         }
     )
     report = anthropic_limits(headers, NOW)
-    assert report.requests == Window(limit=50, remaining=49, reset_s=1.0)
-    assert report.input_tokens == Window(limit=30000, remaining=0, reset_s=59.0)
+    assert report.requests == Window(limit=50, remaining=49, reset_s=1.0, reset_step_s=1.0)
+    assert report.input_tokens == Window(limit=30000, remaining=0, reset_s=59.0, reset_step_s=1.0)
     assert report.output_tokens is not None
     assert report.output_tokens.reset_s == pytest.approx(0.5)
+    assert report.output_tokens.reset_step_s == pytest.approx(1e-6)
     assert report.tokens is None
 
 

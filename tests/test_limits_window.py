@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import heapq
+import math
 import random
 
 import pytest
 
 from routerd.core.credential import CredentialState, Lease
+from routerd.core.limits import anthropic_limits
 from routerd.core.outcome import Failure, FailureClass, RateLimitReport, Window
 from routerd.core.poolindex import INDEX_MIN, PoolIndex, rest_until
-from routerd.core.window import RESET_ROUNDING_S, LearnedWindow
+from routerd.core.window import LearnedWindow
+from routerd.mock.anthropic_headers import format_rfc3339
 from routerd.mock.limits import SlidingWindow, ceil_ms
 
 LIMIT = 3
@@ -162,7 +165,7 @@ def test_what_may_have_left_is_kept_as_the_shares_come_and_go() -> None:
         # Replies arrive in time order; each request was sent a little before its reply.
         sent = now - rng.uniform(0.0, 0.05)
         w.learn(Window(limit=100, remaining=50, reset_s=reset), now, mark, 1, sent_at=sent)
-        shortest = w.longest_reset - RESET_ROUNDING_S
+        shortest = w.shortest_length
         expected = sum(a for _, at, a, _ in w.frees if at + shortest <= now)
         assert w._maybe_freed(now) == expected
 
@@ -184,3 +187,62 @@ def test_requests_still_in_flight_when_the_window_resets_count_in_the_new_one() 
         sent += 1
     assert sent == LIMIT - 1
     c.succeeded(now + 0.5, 5.0, provider_reply(provider, now + 0.5), slow)
+
+
+def whole_second_reply(
+    provider: SlidingWindow, counted: float, read: float, wall: float
+) -> RateLimitReport:
+    """The reply as Anthropic writes it: its reset an instant in whole seconds, rounded up,
+    read ``read - counted`` later; ``wall`` is the Unix time at ``now`` 0."""
+    state = provider.state(counted)
+    reset = format_rfc3339(counted + wall + state.reset_s)
+    headers = {
+        "anthropic-ratelimit-requests-limit": str(state.limit),
+        "anthropic-ratelimit-requests-remaining": str(state.remaining),
+        "anthropic-ratelimit-requests-reset": reset,
+    }
+    return anthropic_limits(headers, read + wall)
+
+
+def test_resets_in_whole_seconds_never_send_into_a_full_window() -> None:
+    """A reset of 2.9 s in whole seconds belongs to a 2 s window. Were it taken as the
+    window's length, a reply that already counts a share freed (which we credit back only
+    at its reset) would hand that share out twice: a 429. 19 of these 300 runs of 60
+    requests, each with its own timing, met one that way."""
+    refused = [seed for seed in range(300) if not callers_keep_to_the_window(seed)]
+    assert refused == []
+
+
+def callers_keep_to_the_window(seed: int) -> bool:
+    """Whether 60 requests of three callers on one key all fit the provider's window."""
+    rng = random.Random(seed)
+    wall = 1_700_000_000 + rng.random()  # where the whole seconds fall
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    # (when, order, what, lease, when sent or counted): the provider counting a request,
+    # or its reply being read; each takes up to 0.1-0.15 s, most often a few ms.
+    events: list[tuple[float, int, str, Lease, float]] = []
+    order, now, idle, sent = 0, 0.0, 3, 0
+    while sent < 60 or events:
+        known = c.requests.remaining is not None
+        # Three callers send whenever the key says a request fits; the first goes alone.
+        while idle and sent < 60 and (known or sent == 0) and c.free_at(now, 1) <= now:
+            lease = c.lease(now, 1)
+            idle, sent, order = idle - 1, sent + 1, order + 1
+            delay = rng.uniform(0.0, 0.02) * rng.choice([0.1, 1.0, 5.0])
+            heapq.heappush(events, (now + delay, order, "counted", lease, now))
+        wake = c.free_at(now, 1) if idle and known and sent < 60 else math.inf
+        if wake < (events[0][0] if events else math.inf):
+            now = wake
+            continue
+        now, _, what, lease, at = heapq.heappop(events)
+        if what == "counted":
+            if provider.wait_for(1, now) > 0:
+                return False
+            provider.add(1, now)
+            order += 1
+            read = now + rng.uniform(0.0, 0.03) * rng.choice([0.1, 1.0, 5.0])
+            heapq.heappush(events, (read, order, "read", lease, now))
+        else:
+            c.succeeded(now, 5.0, whole_second_reply(provider, at, now, wall), lease)
+            idle += 1
+    return True

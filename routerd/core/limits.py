@@ -18,11 +18,13 @@ from routerd.core.outcome import RateLimitReport, Window
 
 __all__ = [
     "anthropic_limits",
+    "go_duration_reset",
     "limits_from_headers",
     "openai_limits",
     "parse_go_duration",
     "parse_rfc3339",
     "retry_after",
+    "rfc3339_reset",
     "window_reset",
 ]
 
@@ -40,6 +42,8 @@ _GO_UNITS = {
 _GO_PART = r"(\d+(?:\.\d*)?|\.\d+)(ms|us|µs|μs|ns|h|m|s)"
 _GO_FULL = re.compile(rf"(?:{_GO_PART})+")
 _GO_PARTS = re.compile(_GO_PART)
+# The fractional seconds of an RFC 3339 time ("12:40:59.123Z"), if written.
+_RFC3339_FRACTION = re.compile(r"\d\d:\d\d:\d\d[.,](\d+)")
 
 
 def parse_go_duration(text: str | None) -> float | None:
@@ -48,17 +52,34 @@ def parse_go_duration(text: str | None) -> float | None:
     A bare number is read as seconds, since some OpenAI-compatible servers send one.
     Returns None for anything else (negative, empty, garbage); never raises.
     """
+    reset = go_duration_reset(text)
+    return None if reset is None else reset[0]
+
+
+def go_duration_reset(text: str | None) -> tuple[float, float] | None:
+    """A Go duration as a reset: its seconds and the unit of its last digit ("6m0s": 1 s,
+    "2m59.56s": 10 ms, "12ms": 1 ms), which is how far it may have been rounded."""
     if not text:
         return None
-    return _parse_go_duration(text.strip())
+    return _go_reset(text.strip())
 
 
 # Providers repeat the same few reset values ("1s", "6m0s"), so the regex work is cached.
 @lru_cache(maxsize=512)
-def _parse_go_duration(text: str) -> float | None:
+def _go_reset(text: str) -> tuple[float, float] | None:
     if _GO_FULL.fullmatch(text) is not None:
-        return sum(float(num) * _GO_UNITS[unit] for num, unit in _GO_PARTS.findall(text))
-    return _seconds(text)
+        parts = _GO_PARTS.findall(text)
+        seconds = sum(float(num) * _GO_UNITS[unit] for num, unit in parts)
+        number, unit = parts[-1]
+        return seconds, _GO_UNITS[unit] * _digit_unit(number)
+    bare = _seconds(text)
+    return None if bare is None else (bare, _digit_unit(text))
+
+
+def _digit_unit(number: str) -> float:
+    """The value of the last digit of a decimal number: 1 for "12", 0.01 for "59.56"."""
+    _, dot, decimals = number.partition(".")
+    return 10.0 ** -len(decimals) if dot else 1.0
 
 
 def _seconds(text: str) -> float | None:
@@ -92,15 +113,25 @@ def _int(text: str | None) -> int | None:
 
 def parse_rfc3339(text: str | None, now: float) -> float | None:
     """Seconds from ``now`` (unix time) until an RFC 3339 timestamp, clamped at 0."""
+    reset = rfc3339_reset(text, now)
+    return None if reset is None else reset[0]
+
+
+def rfc3339_reset(text: str | None, now: float) -> tuple[float, float] | None:
+    """An RFC 3339 reset as seconds from ``now`` (unix time), clamped at 0, and the unit of
+    its last digit: a second for "...T12:40:59Z", a millisecond for "...T12:40:59.123Z"."""
     if not text:
         return None
+    text = text.strip()
     try:
-        when = datetime.fromisoformat(text.strip())
+        when = datetime.fromisoformat(text)
     except ValueError:
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now)
+    fraction = _RFC3339_FRACTION.search(text)
+    step = 10.0 ** -len(fraction.group(1)) if fraction is not None else 1.0
+    return max(0.0, when.timestamp() - now), step
 
 
 def retry_after(headers: Mapping[str, str], now: float) -> float | None:
@@ -129,10 +160,14 @@ def retry_after(headers: Mapping[str, str], now: float) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def _window(limit: str | None, remaining: str | None, reset_s: float | None) -> Window | None:
-    if limit is None and remaining is None and reset_s is None:
-        return None
-    return Window(limit=_int(limit), remaining=_int(remaining), reset_s=reset_s)
+def _window(
+    limit: str | None, remaining: str | None, reset: tuple[float, float] | None
+) -> Window | None:
+    if reset is None:
+        if limit is None and remaining is None:
+            return None
+        return Window(limit=_int(limit), remaining=_int(remaining))
+    return Window(_int(limit), _int(remaining), reset[0], reset[1])
 
 
 def openai_limits(headers: Mapping[str, str], *, requests_per_day: bool = False) -> RateLimitReport:
@@ -146,12 +181,12 @@ def openai_limits(headers: Mapping[str, str], *, requests_per_day: bool = False)
         requests=_window(
             get("x-ratelimit-limit-requests"),
             get("x-ratelimit-remaining-requests"),
-            parse_go_duration(get("x-ratelimit-reset-requests")),
+            go_duration_reset(get("x-ratelimit-reset-requests")),
         ),
         tokens=_window(
             get("x-ratelimit-limit-tokens"),
             get("x-ratelimit-remaining-tokens"),
-            parse_go_duration(get("x-ratelimit-reset-tokens")),
+            go_duration_reset(get("x-ratelimit-reset-tokens")),
         ),
         requests_per_day=requests_per_day,
     )
@@ -162,7 +197,7 @@ def _anthropic_window(headers: Mapping[str, str], name: str, now: float) -> Wind
     return _window(
         headers.get(prefix + "limit"),
         headers.get(prefix + "remaining"),
-        parse_rfc3339(headers.get(prefix + "reset"), now),
+        rfc3339_reset(headers.get(prefix + "reset"), now),
     )
 
 

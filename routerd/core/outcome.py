@@ -21,11 +21,17 @@ class FailureClass(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Window:
-    """One rate-limit window as a provider reported it; ``reset_s`` is seconds from the response."""
+    """One rate-limit window as a provider reported it; ``reset_s`` is seconds from the response.
+
+    ``reset_step_s`` is the unit the reset was written in ("2025-08-21T12:40:59Z": a second;
+    "1.234s": a millisecond). Providers round resets up so that a client waiting one out is
+    never early, so the true reset may be up to that much earlier than the reported one.
+    """
 
     limit: int | None = None
     remaining: int | None = None
     reset_s: float | None = None
+    reset_step_s: float = 0.001
 
 
 @dataclass(frozen=True, slots=True)

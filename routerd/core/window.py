@@ -19,8 +19,6 @@ ROLLOVER_S = 60.0
 # Shares awaiting their return, at most; a share past this is never credited back, so a
 # busier window only falls back to waiting for its reset.
 FREES_MAX = 4096
-# Rounding a provider may apply to its resets (the mock rounds up to the millisecond).
-RESET_ROUNDING_S = 0.001
 
 
 @dataclass(slots=True)
@@ -40,8 +38,9 @@ class LearnedWindow:
     when we read it), which is no earlier than our own share leaves: that share is
     credited back then (``frees``), one by one. A reply's figure may already show a share
     freed that we credit later; so it only raises the estimate by what it adds beyond the
-    shares that may have left by then (sent at least a window ago, the window being at
-    least as long as any reset reported).
+    shares that may have left by then: those sent at least a window ago, the window being
+    at least as long as any reset reported less the unit it was written in (Anthropic
+    writes whole seconds, rounded up: a reset of 2.9 s is one of a 2 s window).
     """
 
     limit: int | None = None
@@ -50,8 +49,10 @@ class LearnedWindow:
     guessed: bool = True
     sent: int = 0
     answered: int = 0
-    # The longest reset a reply reported: a sliding window is at least this long.
+    # The longest reset a reply reported (the fleet's ledger keeps shares this long).
     longest_reset: float = 0.0
+    # The window is surely at least this long: a reported reset less its rounding.
+    shortest_length: float = 0.0
     # (when it is back, when it was sent, amount, id), in order: answered shares to credit.
     frees: list[tuple[float, float, int, int]] = field(default_factory=list)
     # The same shares by when they were sent, for the ones the provider may have freed
@@ -100,16 +101,17 @@ class LearnedWindow:
                 self.reset_at = max(self.reset_at, reset_at)
             self.guessed = False
             if sent_at is not None and window.remaining is not None:
-                if window.reset_s > self.longest_reset:
-                    self._window_grew(window.reset_s)
+                self.longest_reset = max(self.longest_reset, window.reset_s)
+                if window.reset_s - window.reset_step_s > self.shortest_length:
+                    self._window_grew(window.reset_s - window.reset_step_s)
                 if amount and len(self.frees) < FREES_MAX:
                     share = next(self._ids)
                     insort(self.frees, (reset_at, sent_at, amount, share))
                     heapq.heappush(self._by_sent, (sent_at, share, amount))
 
-    def _window_grew(self, reset_s: float) -> None:
+    def _window_grew(self, length: float) -> None:
         """A longer window: the shares counted as sent a window ago are looked at again."""
-        self.longest_reset = reset_s
+        self.shortest_length = length
         for share, (sent_at, amount) in self._matured.items():
             heapq.heappush(self._by_sent, (sent_at, share, amount))
         self._matured.clear()
@@ -117,7 +119,7 @@ class LearnedWindow:
 
     def _maybe_freed(self, now: float) -> int:
         """What of the shares still to credit the provider may have freed by ``now``."""
-        shortest = self.longest_reset - RESET_ROUNDING_S
+        shortest = self.shortest_length
         by_sent = self._by_sent
         while by_sent and by_sent[0][0] + shortest <= now:
             sent_at, share, amount = heapq.heappop(by_sent)
