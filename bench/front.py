@@ -18,6 +18,8 @@ machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 
   throughput divided by LiteLLM's;
 - streaming: time to the first chunk at concurrency 1 (p50, added to direct) and chunks
   relayed per second with 100 streams at once.
+- CPU per request in the throughput runs, per process; and at concurrency 1, where a
+  request's time goes: each process's time on a core and in the run queue (schedstat).
 
     ./dev front       or    .venv-bench/bin/python bench/front.py [--requests N] [--rounds R]
 
@@ -265,38 +267,86 @@ class Child:
             self.process.wait()
 
 
-def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
-    """CPU time (user + system) used so far by each root process and its live descendants."""
-    tick = os.sysconf("SC_CLK_TCK")
-    parent: dict[int, int] = {}
-    used: dict[int, int] = {}
+def _proc_stats() -> dict[int, list[str]]:
+    """Every process's /proc/<pid>/stat fields after the command (state, ppid, ...)."""
+    stats = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().rpartition(")")[2].split()
+                stats[int(entry)] = stat.read().rpartition(")")[2].split()
         except OSError:
             continue  # gone meanwhile
-        # After the command: state, ppid, ... utime (the 14th field) and stime (the 15th).
-        parent[int(entry)] = int(fields[1])
-        used[int(entry)] = int(fields[11]) + int(fields[12])
-    totals = {}
-    for name, root in roots.items():
-        ticks = 0
-        for pid, spent in used.items():
-            node = pid
-            while node > 1 and node != root:
-                node = parent.get(node, 0)
-            if node == root:
-                ticks += spent
-        totals[name] = ticks / tick
-    return totals
+    return stats
+
+
+def _under(pid: int, root: int, parent: dict[int, int]) -> bool:
+    """Whether ``pid`` is ``root`` or one of its descendants."""
+    while pid > 1 and pid != root:
+        pid = parent.get(pid, 0)
+    return pid == root
+
+
+def process_trees(roots: dict[str, int]) -> dict[str, list[int]]:
+    """Each root process's pid and its live descendants'."""
+    parent = {pid: int(fields[1]) for pid, fields in _proc_stats().items()}
+    return {
+        name: [pid for pid in parent if _under(pid, root, parent)] for name, root in roots.items()
+    }
+
+
+def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
+    """CPU time (user + system) used so far by each root process and its live descendants."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = _proc_stats()
+    parent = {pid: int(fields[1]) for pid, fields in stats.items()}
+    # utime and stime: the 14th and 15th fields of the line, the 12th and 13th after it.
+    used = {pid: int(fields[11]) + int(fields[12]) for pid, fields in stats.items()}
+    return {
+        name: sum(spent for pid, spent in used.items() if _under(pid, root, parent)) / tick
+        for name, root in roots.items()
+    }
 
 
 def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far of this benchmark and of each watched process (with its children)."""
     return {"benchmark": time.process_time()} | cpu_seconds(roots)
+
+
+Sched = dict[str, tuple[int, int]]
+
+
+def sched_ns(pid: int) -> tuple[int, int]:
+    """Nanoseconds a process's threads spent on a core, and runnable but waiting for one
+    (Linux schedstat); (0, 0) where the kernel does not tell."""
+    on_cpu = queued = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0, 0
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as stat:
+                ran, waited, _ = stat.read().split()
+        except (OSError, ValueError):
+            continue  # a thread gone meanwhile
+        on_cpu += int(ran)
+        queued += int(waited)
+    return on_cpu, queued
+
+
+def sched_snapshot(trees: dict[str, list[int]], *, benchmark_last: bool) -> Sched:
+    """``sched_ns`` of this benchmark and of each watched process tree (``process_trees``).
+    This process is read last at a block's start and first at its end, so reading the
+    others stays outside its own figure."""
+    others = {}
+    for name, pids in trees.items():
+        times = [sched_ns(pid) for pid in pids]
+        others[name] = (sum(on for on, _ in times), sum(queued for _, queued in times))
+    if benchmark_last:
+        return others | {"benchmark": sched_ns(os.getpid())}
+    return {"benchmark": sched_ns(os.getpid())} | others
 
 
 def start_child(name: str, *args: str) -> tuple[Child, int]:
@@ -550,6 +600,10 @@ class Figures:
     # CPU seconds each process spent during the throughput runs, and the requests served.
     cpu: dict[str, float] = field(default_factory=dict)
     cpu_requests: int = 0
+    # Concurrency 1 (the latency blocks): each process's nanoseconds on a core and in the
+    # run queue, and the requests they were spent on.
+    c1_sched: dict[str, list[int]] = field(default_factory=dict)
+    c1_calls: int = 0
 
     def failed(self, exc: BaseException) -> None:
         """Count one failure by its type, keeping one message."""
@@ -605,30 +659,43 @@ async def in_turns(
     total: int,
     figures: dict[str, Figures],
     record: Callable[[Figures, Any, float], None],
+    trees: dict[str, list[int]] | None = None,
 ) -> None:
     """Concurrency 1: ``total`` calls of each path, the paths taking turns block by block;
-    ``record`` keeps each call's figure (from its result and the seconds it took)."""
+    ``record`` keeps each call's figure (from its result and the seconds it took). With
+    ``trees``, the scheduler's account of every process is kept per block (``c1_sched``)."""
     for turn, start in enumerate(range(0, total, BLOCK)):
         for name in rotated(list(works), turn):
-            work = works[name]
+            work, path = works[name], figures[name]
             await run_many(work, WARMUP, 1, Figures())  # the block's warm-up
-            for _ in range(min(BLOCK, total - start)):
+            before = sched_snapshot(trees, benchmark_last=True) if trees is not None else {}
+            calls = min(BLOCK, total - start)
+            for _ in range(calls):
                 started = time.perf_counter()
                 try:
                     result = await work()
                 except Exception as exc:
-                    figures[name].failed(exc)
+                    path.failed(exc)
                     continue
-                record(figures[name], result, time.perf_counter() - started)
+                record(path, result, time.perf_counter() - started)
+            if trees is not None:
+                after = sched_snapshot(trees, benchmark_last=False)
+                for process, (on_cpu, queued) in after.items():
+                    kept = path.c1_sched.setdefault(process, [0, 0])
+                    kept[0] += on_cpu - before[process][0]
+                    kept[1] += queued - before[process][1]
+                path.c1_calls += calls
 
 
-async def latency(calls: dict[str, Call], total: int, figures: dict[str, Figures]) -> None:
-    """Concurrency 1: each request's latency."""
+async def latency(
+    calls: dict[str, Call], total: int, figures: dict[str, Figures], trees: dict[str, list[int]]
+) -> None:
+    """Concurrency 1: each request's latency, and where its time went (``in_turns``)."""
 
     def record(path: Figures, _: None, seconds: float) -> None:
         path.latency_ms.append(seconds * 1000)
 
-    await in_turns(calls, total, figures, record)
+    await in_turns(calls, total, figures, record, trees)
 
 
 async def throughput(
@@ -718,6 +785,7 @@ async def measure(
                     session(), f"{litellm_url}/v1/chat/completions", MODEL, master_key
                 )
             figures = {name: Figures() for name in paths}
+            trees = process_trees(roots)  # every process is up (LiteLLM's workers too)
             calls = {name: call for name, (call, _) in paths.items()}
             streams = {name: stream for name, (_, stream) in paths.items()}
             per_round = max(1, plan.requests // plan.rounds)
@@ -731,7 +799,7 @@ async def measure(
                     [n for n in paths if n == LITELLM],
                 ):
                     if group:
-                        await latency({n: calls[n] for n in group}, per_round, figures)
+                        await latency({n: calls[n] for n in group}, per_round, figures, trees)
                         await first_chunk(
                             {n: streams[n] for n in group}, max(1, per_round // 2), figures
                         )
@@ -873,12 +941,64 @@ def report(figures: dict[str, Figures], plan: Plan, chunks: int) -> None:
         "what a path can serve"
     )
     print_table(["path", *processes, "total", "bound req/s", "req/s"], cpu_rows)
+    report_c1_time(figures)
 
     failures = [(name, fig) for name, fig in figures.items() if fig.errors]
     print("\nfailed requests: " + ("none" if not failures else ""))
     for name, fig in failures:
         counts = ", ".join(f"{kind} x{n}" for kind, n in fig.errors.items())
         print(f"  {name}: {counts}; e.g. {fig.sample_error}")
+
+
+# The process that serves each proxied path (a key of ``roots``).
+SERVED_BY = {RELAY: "relay", MSGPACK: "routerd", HTTP_FRONT: "routerd", LITELLM: "LiteLLM"}
+
+
+def report_c1_time(figures: dict[str, Figures]) -> None:
+    """Concurrency 1, where a request's time goes: each process's time on a core and all
+    processes' time in the run queue, per request."""
+    direct = figures[DIRECT]
+    if not direct.c1_calls or not any(on for on, _ in direct.c1_sched.values()):
+        return  # no schedstat on this system
+    d_mean = statistics.fmean(direct.latency_ms)
+    rows = []
+    for name, fig in figures.items():
+        if not fig.c1_calls or not fig.latency_ms:
+            continue
+        per = {
+            p: (on / fig.c1_calls / 1e6, q / fig.c1_calls / 1e6)
+            for p, (on, q) in fig.c1_sched.items()
+        }
+        mean = statistics.fmean(fig.latency_ms)
+        served_by = SERVED_BY.get(name)
+        on_cpu = sum(on for on, _ in per.values())
+        queued = sum(q for _, q in per.values())
+        rows.append(
+            [
+                name,
+                f"{mean:.3f}",
+                "" if name == DIRECT else f"{mean - d_mean:+.3f}",
+                f"{per['benchmark'][0]:.3f}",
+                f"{per['responder'][0]:.3f}",
+                f"{per[served_by][0]:.3f}" if served_by in per else "",
+                f"{on_cpu:.3f}",
+                f"{queued:.3f}",
+            ]
+        )
+    print(
+        "\nConcurrency 1, where a request's time goes (ms per request, means over the latency "
+        "blocks; Linux schedstat): time on a core of the client (this benchmark), the "
+        "responder and the proxy serving the path, of all processes together, and of all "
+        "in the run queue (runnable, waiting for a core). A process may still work after it "
+        "handed the reply on, so the time on a core can exceed the mean"
+    )
+    print_table(
+        [
+            *("path", "mean", "added", "client", "responder", "proxy"),
+            *("all on cpu", "run queue"),
+        ],
+        rows,
+    )
 
 
 def package_version(name: str) -> str:
