@@ -288,24 +288,26 @@ def _under(pid: int, root: int, parent: dict[int, int]) -> bool:
     return pid == root
 
 
-def process_trees(roots: dict[str, int]) -> dict[str, list[int]]:
-    """Each root process's pid and its live descendants'."""
-    parent = {pid: int(fields[1]) for pid, fields in _proc_stats().items()}
+def _trees(roots: dict[str, int], stats: dict[int, list[str]]) -> dict[str, list[int]]:
+    parent = {pid: int(fields[1]) for pid, fields in stats.items()}
     return {
         name: [pid for pid in parent if _under(pid, root, parent)] for name, root in roots.items()
     }
+
+
+def process_trees(roots: dict[str, int]) -> dict[str, list[int]]:
+    """Each root process's pid and its live descendants'."""
+    return _trees(roots, _proc_stats())
 
 
 def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
     """CPU time (user + system) used so far by each root process and its live descendants."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = _proc_stats()
-    parent = {pid: int(fields[1]) for pid, fields in stats.items()}
     # utime and stime: the 14th and 15th fields of the line, the 12th and 13th after it.
-    used = {pid: int(fields[11]) + int(fields[12]) for pid, fields in stats.items()}
     return {
-        name: sum(spent for pid, spent in used.items() if _under(pid, root, parent)) / tick
-        for name, root in roots.items()
+        name: sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in pids) / tick
+        for name, pids in _trees(roots, stats).items()
     }
 
 
