@@ -19,7 +19,10 @@ machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 
 - streaming: time to the first chunk at concurrency 1 (p50, added to direct) and chunks
   relayed per second with 100 streams at once.
 - CPU per request in the throughput runs, per process; and at concurrency 1, where a
-  request's time goes: each process's time on a core and in the run queue (schedstat).
+  request's time goes: each process's time on a core and in the run queue (schedstat);
+- throughput at concurrency 16 and 64 once more with the OpenAI SDK (``AsyncOpenAI``) as
+  the client of every OpenAI-shaped path: the client agents send with, which costs some
+  ten times the aiohttp client's CPU per request.
 
     ./dev front       or    .venv-bench/bin/python bench/front.py [--requests N] [--rounds R]
 
@@ -53,6 +56,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
+import httpx2
+import openai
 from routerd_client import AsyncClient
 
 from routerd.launch import DaemonProcess
@@ -61,6 +66,9 @@ KEY = "sk-front-" + secrets.token_hex(12)
 ROUTE = "bench"
 MODEL = "m"
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+SDK_MESSAGES: list[openai.types.chat.ChatCompletionMessageParam] = [
+    {"role": "user", "content": MESSAGES[0]["content"]}
+]
 # Large limits: the responder never throttles, and routerd never sees a window run dry.
 LIMIT_REQUESTS = 10_000_000
 LIMIT_TOKENS = 10_000_000_000
@@ -564,6 +572,17 @@ def http_paths(
     return call, stream
 
 
+def sdk_call(client: openai.AsyncOpenAI, model: str) -> Call:
+    """One HTTP path's call through the OpenAI SDK, as an agent makes it."""
+
+    async def call() -> None:
+        completion = await client.chat.completions.create(model=model, messages=SDK_MESSAGES)
+        if not completion.choices:
+            raise Failed("no choices")
+
+    return call
+
+
 def msgpack_paths(client: AsyncClient) -> tuple[Call, Stream]:
     """The msgpack socket's call and stream, through routerd_client.AsyncClient."""
 
@@ -756,9 +775,10 @@ async def measure(
     token: str,
     litellm: tuple[str, str] | None,
     roots: dict[str, int],
-) -> dict[str, Figures]:
+) -> tuple[dict[str, Figures], dict[str, Figures]]:
     """Every measurement on every path, interleaved in rounds; ``roots`` names the processes
-    whose CPU time is counted (the responder, the relay, routerd, LiteLLM's proxy)."""
+    whose CPU time is counted (the responder, the relay, routerd, LiteLLM's proxy). Returns
+    the figures with the aiohttp client, then the throughput with the OpenAI SDK's."""
     limit = max(*plan.concurrencies, plan.stream_concurrency) + 8
     timeout = aiohttp.ClientTimeout(total=120)
     sessions: list[aiohttp.ClientSession] = []
@@ -772,21 +792,43 @@ async def measure(
         sessions.append(made)
         return made
 
+    sdks: list[openai.AsyncOpenAI] = []
+
+    def sdk(base_url: str, key: str, model: str) -> Call:
+        # One SDK client (and its httpx2 pool) per path, idle connections closed as above.
+        limits = httpx2.Limits(
+            max_connections=limit, max_keepalive_connections=limit, keepalive_expiry=2.0
+        )
+        made = openai.AsyncOpenAI(
+            base_url=base_url,
+            api_key=key,
+            max_retries=0,  # a failure is a figure, not a retry
+            http_client=openai.DefaultAsyncHttpxClient(limits=limits, timeout=120),
+        )
+        sdks.append(made)
+        return sdk_call(made, model)
+
     paths: dict[str, tuple[Call, Stream]] = {}
+    sdk_paths: dict[str, Call] = {}
     try:
         paths[DIRECT] = http_paths(session(), f"{responder}/chat/completions", MODEL, KEY)
         paths[RELAY] = http_paths(session(), f"{tcp_relay}/chat/completions", MODEL, KEY)
+        sdk_paths[DIRECT] = sdk(responder, KEY, MODEL)
+        sdk_paths[RELAY] = sdk(tcp_relay, KEY, MODEL)
         async with AsyncClient(str(socket_path), name="front-bench", timeout=120) as client:
             paths[MSGPACK] = msgpack_paths(client)
             paths[HTTP_FRONT] = http_paths(
                 session(), f"{http_front}/v1/chat/completions", ROUTE, token
             )
+            sdk_paths[HTTP_FRONT] = sdk(f"{http_front}/v1", token, ROUTE)
             if litellm is not None:
                 litellm_url, master_key = litellm
                 paths[LITELLM] = http_paths(
                     session(), f"{litellm_url}/v1/chat/completions", MODEL, master_key
                 )
+                sdk_paths[LITELLM] = sdk(f"{litellm_url}/v1", master_key, MODEL)
             figures = {name: Figures() for name in paths}
+            sdk_figures = {name: Figures() for name in sdk_paths}
             trees = process_trees(roots)  # every process is up (LiteLLM's workers too)
             calls = {name: call for name, (call, _) in paths.items()}
             streams = {name: stream for name, (_, stream) in paths.items()}
@@ -810,15 +852,22 @@ async def measure(
                     for concurrency in plan.concurrencies:
                         await throughput(call, per_round, concurrency, figures[name], roots)
                     await relay(stream, streams_per_round, plan.stream_concurrency, figures[name])
+                for name in rotated(list(sdk_paths), r):
+                    for concurrency in plan.concurrencies:
+                        await throughput(
+                            sdk_paths[name], per_round, concurrency, sdk_figures[name], roots
+                        )
                 print(
                     f"  round {r + 1}/{plan.rounds} done in {time.monotonic() - step:.1f} s",
                     file=sys.stderr,
                     flush=True,
                 )
-            return figures
+            return figures, sdk_figures
     finally:
         for made in sessions:
             await made.close()
+        for client_ in sdks:
+            await client_.close()
 
 
 # --- the report ------------------------------------------------------------------------
@@ -848,8 +897,9 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
         print(("  " + "  ".join(cells)).rstrip())
 
 
-def report(figures: dict[str, Figures], plan: Plan, chunks: int) -> None:
-    """The two tables: request/reply, then streaming."""
+def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chunks: int) -> None:
+    """The tables: request/reply, streaming, CPU per request, concurrency 1's time, and the
+    throughput with the OpenAI SDK as the client."""
     direct = figures[DIRECT]
     lite = figures.get(LITELLM)
     d50, d99 = median(direct.latency_ms), percentile(direct.latency_ms, 99)
@@ -944,12 +994,52 @@ def report(figures: dict[str, Figures], plan: Plan, chunks: int) -> None:
     )
     print_table(["path", *processes, "total", "bound req/s", "req/s"], cpu_rows)
     report_c1_time(figures)
+    report_sdk(sdk, plan)
 
     failures = [(name, fig) for name, fig in figures.items() if fig.errors]
+    failures += [(f"{name} (OpenAI SDK)", fig) for name, fig in sdk.items() if fig.errors]
     print("\nfailed requests: " + ("none" if not failures else ""))
     for name, fig in failures:
         counts = ", ".join(f"{kind} x{n}" for kind, n in fig.errors.items())
         print(f"  {name}: {counts}; e.g. {fig.sample_error}")
+
+
+def report_sdk(sdk: dict[str, Figures], plan: Plan) -> None:
+    """Throughput with the OpenAI SDK as the client, and the CPU its client and the path's
+    proxy spent per request."""
+    direct, lite = sdk[DIRECT], sdk.get(LITELLM)
+    rows = []
+    for name, fig in sdk.items():
+        row = [name]
+        for concurrency in plan.concurrencies:
+            rate = fig.rate(concurrency)
+            row += [f"{rate:.0f}", f"{100 * rate / direct.rate(concurrency):.0f}%"]
+        for concurrency in plan.concurrencies:
+            row.append(
+                f"{fig.rate(concurrency) / lite.rate(concurrency):.2f}x"
+                if name == HTTP_FRONT and lite is not None and lite.rate(concurrency)
+                else ""
+            )
+        served_by = SERVED_BY.get(name)
+        requests = max(1, fig.cpu_requests)
+        row.append(f"{1000 * fig.cpu.get('benchmark', 0.0) / requests:.3f}")
+        row.append(f"{1000 * fig.cpu[served_by] / requests:.3f}" if served_by in fig.cpu else "")
+        rows.append(row)
+    c_lo, c_hi = plan.concurrencies
+    print(
+        f"\nThroughput with the OpenAI SDK as the client (openai {package_version('openai')}, "
+        f"AsyncOpenAI, one client per path; {plan.requests} requests per path and "
+        "concurrency): the client agents send with. Its own CPU per request is most of the "
+        "work, so it bounds every path but LiteLLM's; CPU per request (ms) of the client and "
+        "of the proxy serving the path"
+    )
+    print_table(
+        [
+            *("path", f"req/s c{c_lo}", "% direct", f"req/s c{c_hi}", "% direct"),
+            *(f"/LiteLLM c{c_lo}", f"/LiteLLM c{c_hi}", "client cpu", "proxy cpu"),
+        ],
+        rows,
+    )
 
 
 # The process that serves each proxied path (a key of ``roots``).
@@ -1113,7 +1203,9 @@ def main() -> None:
                     roots,
                 )
             )
-            routerd_failed = any(figures[n].errors for n in (MSGPACK, HTTP_FRONT))
+            routerd_failed = any(
+                f[n].errors for f in figures for n in (MSGPACK, HTTP_FRONT) if n in f
+            )
             routerd_log = daemon.log_text().splitlines()[-10:] if routerd_failed else []
         finally:
             for child in reversed(children):
@@ -1130,7 +1222,7 @@ def main() -> None:
         f"machine speed: one Python function call took {speed_before:.1f} ns before the run, "
         f"{call_ns():.1f} ns after (lower is faster)"
     )
-    report(figures, plan, args.chunks)
+    report(*figures, plan, args.chunks)
     if routerd_log:
         print("routerd's log, last lines:")
         for line in routerd_log:
