@@ -34,6 +34,7 @@ def _socket_from(args: argparse.Namespace) -> str | None:
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the daemon in the foreground."""
     import anyio
+    import structlog
 
     from routerd import log
     from routerd.config.load import load_config
@@ -41,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from routerd.config.secrets import resolve_secrets, resolve_state_password
     from routerd.daemon import Daemon
     from routerd.fdlimit import raise_soft_limit
+    from routerd.upstream.proxy import ProxyConfigError, proxies_from
 
     path = args.config or os.environ.get("ROUTERD_CONFIG") or "/etc/routerd/config.toml"
     try:
@@ -48,10 +50,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         text = Path(path).read_text()
         secrets = resolve_secrets(config, source=str(path), text=text)
         state_password = resolve_state_password(config, source=str(path), text=text)
+        proxies = proxies_from(os.environ)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    except ProxyConfigError as exc:
+        print(f"routerd: {exc}", file=sys.stderr)
+        return 2
     log.configure(config.server.log_level)
+    if proxies:
+        structlog.get_logger("routerd.daemon").info("upstream_proxies", **proxies.describe())
     raise_soft_limit()
     daemon = Daemon(
         config,
@@ -59,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         socket_path=Path(args.socket) if args.socket else None,
         config_path=Path(path),
         state_password=state_password,
+        proxies=proxies,
     )
     code = 0
     try:

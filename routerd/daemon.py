@@ -55,7 +55,7 @@ from routerd.fronts.msgpack.stream import UnixListener
 from routerd.fronts.peers import PeerPolicy
 from routerd.reload import ReloadSummary, plan_credentials, repool, reroute, restart_needed
 from routerd.status import build_report
-from routerd.upstream.session import UpstreamSession
+from routerd.upstream.session import Proxies, UpstreamSession
 
 log = structlog.get_logger("routerd.daemon")
 
@@ -83,6 +83,7 @@ class Daemon:
         config_path: Path | None = None,
         clock: Callable[[], float] = time.monotonic,
         state_password: str | None = None,
+        proxies: Proxies | None = None,  # the environment's (upstream/proxy.py); None: none
     ) -> None:
         self.config = config
         # Where SIGHUP and `routerd reload` read the config again; None: reload is refused.
@@ -113,7 +114,7 @@ class Daemon:
         # The Responses API's answered turns, kept beside the state file.
         self._responses_file = StoreFile.beside(self.state_path, config.server)
         self.responses = self._responses_file.store
-        self.http = UpstreamSession(upstream)
+        self.http = UpstreamSession(upstream, proxies=proxies)
         self.actors = {
             (s.provider, s.label): self._make_actor(s, n, config) for n, s in enumerate(secrets)
         }

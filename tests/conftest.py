@@ -12,6 +12,7 @@ import pytest
 
 from routerd.launch import DaemonProcess
 from routerd.mock import MockProcess, MockSpec, start_mock_process
+from routerd.upstream.proxy import VARIABLES as PROXY_VARIABLES
 from tests.loopback import SERVING, Loopback, serve
 
 
@@ -54,8 +55,13 @@ def daemon(short_dir: Path) -> Iterator[DaemonFactory]:
     def start(config: str, *, env: dict[str, str] | None = None, name: str = "d") -> DaemonProcess:
         path = short_dir / f"{name}.toml"
         path.write_text(config)
-        # The default state file must not leak between tests (or into the user's home).
-        isolated = {"XDG_STATE_HOME": str(short_dir / "state"), **(env or {})}
+        # The default state file must not leak between tests (or into the user's home), and
+        # the machine's proxy variables must not reach the daemon (a test sets its own).
+        isolated = {
+            **dict.fromkeys(PROXY_VARIABLES, ""),
+            "XDG_STATE_HOME": str(short_dir / "state"),
+            **(env or {}),
+        }
         process = DaemonProcess(
             path,
             socket_path=short_dir / f"{name}.sock",

@@ -33,6 +33,7 @@ from routerd.upstream.wire import (
 )
 from tests.loopback import wait_until
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
+from tests.streamserver import StreamServer
 
 
 class Request:
@@ -48,41 +49,22 @@ class Request:
 Respond = Callable[[Request, asyncio.StreamWriter], Awaitable[bool]]
 
 
-class Server:
+class Server(StreamServer):
     """A raw HTTP/1.1 server on 127.0.0.1: ``respond`` answers each request on a connection.
     ``peers`` holds the client address of each request; ``closed`` counts connections that
     ended (the client's side closing them included)."""
 
     def __init__(self, respond: Respond) -> None:
+        super().__init__()
         self.respond = respond
         self.peers: list[Any] = []
         self.requests: list[Request] = []
         self.closed = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._tls: ssl.SSLContext | None = None
-
-    async def start(self, tls: ssl.SSLContext | None = None) -> Server:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
 
     def url(self, scheme: str = "http", host: str = "127.0.0.1") -> str:
         return f"{scheme}://{host}:{self.port}/v1/chat?x=1"
 
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in [*self._tasks]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         try:
             while True:
@@ -100,7 +82,6 @@ class Server:
         finally:
             self.closed += 1
             writer.transport.abort()
-            self._tasks.discard(task)
 
 
 async def _read_request(reader: asyncio.StreamReader) -> Request:
@@ -550,15 +531,16 @@ async def test_a_stream_left_before_its_end_closes_its_connection(
 # --- TLS --------------------------------------------------------------------------------
 
 
-def _certificate(directory: Path) -> tuple[Path, Path]:
+def certificate(directory: Path, name: str = "localhost") -> tuple[Path, Path]:
+    """A self-signed certificate and its key for ``name``, made with openssl."""
     if shutil.which("openssl") is None:
         pytest.skip("no openssl command to make a certificate with")
     cert, key = directory / "cert.pem", directory / "key.pem"
     subprocess.run(
         [
             *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"),
-            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)),
+            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={name}"),
+            *("-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out", str(cert)),
         ],
         check=True,
         capture_output=True,
@@ -567,7 +549,7 @@ def _certificate(directory: Path) -> tuple[Path, Path]:
 
 
 async def test_https_is_verified_against_the_servers_name(tmp_path: Path) -> None:
-    cert, key = _certificate(tmp_path)
+    cert, key = certificate(tmp_path)
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     served.load_cert_chain(cert, key)
     server = await Server(answer()).start(served)

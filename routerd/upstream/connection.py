@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         "idle_since",
         "key",
         "on_closed",
+        "request_head",
     )
 
     def __init__(self, key: Key) -> None:
@@ -72,6 +73,8 @@ class Connection(asyncio.Protocol):
         self.idle = False
         self.idle_since = 0.0
         self.on_closed: Callable[[Connection], None] | None = None
+        # Through an HTTP proxy, plain HTTP: the request line and Host in absolute form.
+        self.request_head: bytes | None = None
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)

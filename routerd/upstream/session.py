@@ -6,9 +6,11 @@ client exchange was about 35% of the daemon's busy time per request. The adapter
 POST, its status, its headers and its body or lines, and nothing more, so this leaves out
 what an HTTP library adds above that: cookies (a cookie a provider set for one key must
 never ride along on another key's call), redirects (following a 307 would send the key to
-wherever it points), proxies (not supported before either), HTTP/2 (every provider speaks
-HTTP/1.1, and one connection per call in flight is what the pool's cap counts) and asking
-for compression (a reply is small or streamed; gzip or deflate sent anyway is decoded).
+wherever it points), HTTP/2 (every provider speaks HTTP/1.1, and one connection per call in
+flight is what the pool's cap counts) and asking for compression (a reply is small or
+streamed; gzip or deflate sent anyway is decoded). An http:// proxy named by the
+environment (``proxy.py``) is dialled instead of the target: a CONNECT tunnel for https://,
+the request in absolute form for http://.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from types import TracebackType
 from typing import Self
 
 from routerd.upstream.connection import Connection, Key
+from routerd.upstream.proxy import Proxies, Proxy
+from routerd.upstream.tunnel import open_tunnel
 from routerd.upstream.wire import (
     ConnectError,
     ConnectTimeout,
@@ -29,7 +33,7 @@ from routerd.upstream.wire import (
     parse_endpoint,
 )
 
-__all__ = ["CONNECT_S", "KEEPALIVE_S", "Pool", "Response", "UpstreamSession"]
+__all__ = ["CONNECT_S", "KEEPALIVE_S", "Pool", "Proxies", "Response", "UpstreamSession"]
 
 # An idle connection is not reused after this long: below the shortest idle timeout servers
 # commonly use (uvicorn's and Node's 5 s), so routerd never sends on a connection the
@@ -77,12 +81,15 @@ class Pool:
         keepalive_s: float,
         connect_to: ConnectTo | None = None,
         tls: ssl.SSLContext | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.open = 0  # connecting, in use or idle
         self.in_use: set[Connection] = set()
         self._connect_to = connect_to
+        self._proxies = proxies or Proxies()
+        self._proxy_of: dict[Key, Proxy | None] = {}  # each target's, looked up once
         self._loop = asyncio.get_running_loop()
         self._idle: dict[Key, list[Connection]] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -167,31 +174,47 @@ class Pool:
 
     async def _connect(self, endpoint: Endpoint, connect_s: float) -> Connection:
         self.open += 1
-        host, port = endpoint.host, endpoint.port
+        proxy = self._proxy_for(endpoint)
+        host, port = (endpoint.host, endpoint.port) if proxy is None else (proxy.host, proxy.port)
         if self._connect_to is not None:
             host, port = self._connect_to(host, port)
         tls = self._context() if endpoint.tls else None
+        where = f"{endpoint.host}:{endpoint.port}"
+        if proxy is not None:
+            where += f" through the proxy {proxy.where}"
         try:
             async with asyncio.timeout(connect_s):
-                _, conn = await self._loop.create_connection(
-                    lambda: Connection(endpoint.key),
-                    host,
-                    port,
-                    ssl=tls,
-                    server_hostname=endpoint.host if tls is not None else None,
-                )
+                if proxy is not None and tls is not None:
+                    conn = await open_tunnel(proxy, endpoint, host, port, tls)
+                else:
+                    _, conn = await self._loop.create_connection(
+                        lambda: Connection(endpoint.key),
+                        host,
+                        port,
+                        ssl=tls,
+                        server_hostname=endpoint.host if tls is not None else None,
+                    )
+                    if proxy is not None:  # plain HTTP: the request names its target whole
+                        conn.request_head = proxy.absolute_head(endpoint)
         except BaseException as exc:
             self.open -= 1
             self._wake_one()
-            where = f"{endpoint.host}:{endpoint.port}"
             if isinstance(exc, TimeoutError):
                 raise ConnectTimeout(f"connecting to {where} took over {connect_s:g}s") from None
-            if isinstance(exc, OSError | ValueError):
+            if isinstance(exc, OSError | ValueError | ConnectError):
                 raise ConnectError(f"cannot connect to {where}: {exc}") from None
             raise
         conn.on_closed = self._lost
         self.in_use.add(conn)
         return conn
+
+    def _proxy_for(self, endpoint: Endpoint) -> Proxy | None:
+        if not self._proxies:
+            return None
+        key = endpoint.key
+        if key not in self._proxy_of:
+            self._proxy_of[key] = self._proxies.for_endpoint(endpoint)
+        return self._proxy_of[key]
 
     def _context(self) -> ssl.SSLContext:
         if self._tls is None:
@@ -255,7 +278,7 @@ class UpstreamSession:
     default TLS context (a private certificate authority; the client's tests).
     """
 
-    __slots__ = ("_connect_to", "_keepalive_s", "_max_connections", "_pool", "_tls")
+    __slots__ = ("_connect_to", "_keepalive_s", "_max_connections", "_pool", "_tls", "proxies")
 
     def __init__(
         self,
@@ -264,11 +287,13 @@ class UpstreamSession:
         connect_to: ConnectTo | None = None,
         keepalive_s: float = KEEPALIVE_S,
         tls: ssl.SSLContext | None = None,
+        proxies: Proxies | None = None,
     ) -> None:
         self._max_connections = max_connections
         self._connect_to = connect_to
         self._keepalive_s = keepalive_s
         self._tls = tls
+        self.proxies = proxies or Proxies()
         self._pool: Pool | None = None
 
     def pool(self) -> Pool:
@@ -276,7 +301,11 @@ class UpstreamSession:
         pool = self._pool
         if pool is None:
             pool = self._pool = Pool(
-                self._max_connections, self._keepalive_s, self._connect_to, self._tls
+                self._max_connections,
+                self._keepalive_s,
+                self._connect_to,
+                self._tls,
+                self.proxies,
             )
         return pool
 
@@ -298,6 +327,8 @@ class UpstreamSession:
         data = endpoint.request(content, headers)
         pool = self.pool()
         conn = await pool.acquire(endpoint, min(connect_s, read_s))
+        if conn.request_head is not None:  # through a proxy, in absolute form
+            data = _rehead(data, len(endpoint.head), conn.request_head)
         try:
             conn.send(data, read_s)
             status, head = await conn.head()
@@ -322,3 +353,10 @@ class UpstreamSession:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def _rehead(data: bytes | list[bytes], cut: int, head: bytes) -> bytes | list[bytes]:
+    """The request ``data`` with its first ``cut`` bytes (request line, Host) as ``head``."""
+    if isinstance(data, list):
+        return [head + data[0][cut:], *data[1:]]
+    return head + data[cut:]
