@@ -13,12 +13,16 @@ from tests.streamserver import StreamServer
 
 class ForwardProxy(StreamServer):
     """``routes`` maps "host:port" as a client names it to the loopback port that serves it.
-    ``refuse``: bytes to answer every request with instead (a 407, say)."""
+    ``refuse``: bytes to answer every request with instead (a 407, say), then close, or with
+    ``stall`` keep the connection open and say nothing more."""
 
-    def __init__(self, routes: dict[str, int], refuse: bytes | None = None) -> None:
+    def __init__(
+        self, routes: dict[str, int], refuse: bytes | None = None, *, stall: bool = False
+    ) -> None:
         super().__init__()
         self.routes = routes
         self.refuse = refuse
+        self.stall = stall
         self.lines: list[str] = []  # each connection's first request line
         self.authorizations: list[str] = []
 
@@ -35,6 +39,8 @@ class ForwardProxy(StreamServer):
             if self.refuse is not None:
                 writer.write(self.refuse)
                 await writer.drain()
+                if self.stall:
+                    await asyncio.Event().wait()  # until stop() cancels it
                 return
             method, target, _ = lines[0].split(b" ")
             connect = method == b"CONNECT"

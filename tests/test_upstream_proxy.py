@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import base64
 import ssl
+import time
 from pathlib import Path
 
 import pytest
 
 from routerd.upstream.proxy import Proxies, Proxy, ProxyConfigError, proxies_from
 from routerd.upstream.session import UpstreamSession
-from routerd.upstream.wire import ConnectError, parse_endpoint
+from routerd.upstream.wire import ConnectError, ConnectTimeout, parse_endpoint
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 from tests.proxying import ForwardProxy
 from tests.test_upstream_client import Server, answer, certificate, fetch
@@ -229,3 +230,44 @@ async def test_a_proxy_that_is_down_is_a_connect_error_naming_it() -> None:
     message = str(caught.value)
     assert f"cannot connect to {NAME}:443 through the proxy 127.0.0.1:{proxy.port}" in message
     assert PASSWORD not in message
+
+
+@pytest.mark.parametrize(
+    ("said", "error", "words"),
+    [
+        (b"", ConnectTimeout, "took over 0.3s"),  # no answer at all
+        (b"HTTP/1.1 200 OK\r\nX-Pad: " + b"a" * 20000, ConnectError, "exceeds 16384 bytes"),
+    ],
+)
+async def test_a_proxy_that_stalls_or_never_ends_its_reply_is_given_up_on(
+    said: bytes, error: type[Exception], words: str
+) -> None:
+    proxy = await ForwardProxy({}, refuse=said, stall=True).start()
+    try:
+        async with UpstreamSession(4, proxies=_proxies(proxy)) as session:
+            started = time.monotonic()
+            with pytest.raises(error, match=words):
+                await session.request(f"https://{NAME}/v1", b"", {}, 5.0, connect_s=0.3)
+            assert time.monotonic() - started < 2.0
+            assert session.pool().open == 0
+    finally:
+        await proxy.stop()
+
+
+async def test_a_certificate_authority_named_by_ssl_cert_file_is_trusted_through_the_tunnel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy that inspects TLS presents certificates of its own authority: the daemon is
+    # told of it by SSL_CERT_FILE, which the default TLS context reads.
+    cert, key = certificate(tmp_path, NAME)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    server = await Server(answer()).start(served)
+    proxy = await ForwardProxy({f"{NAME}:443": server.port}).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    try:
+        async with UpstreamSession(4, proxies=_proxies(proxy)) as session:
+            assert await fetch(session, f"https://{NAME}/v1") == (200, b'{"ok": true}')
+    finally:
+        await proxy.stop()
+        await server.stop()
