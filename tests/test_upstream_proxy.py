@@ -200,6 +200,7 @@ async def test_loopback_targets_are_dialled_directly() -> None:
         ),
         (b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n", "refused the tunnel: 403"),
         (b"", "closed the connection before answering CONNECT"),
+        (b"HTTP/1.1 200 OK\r\n\r\nSSH-2.0-OpenSSH_9.6\r\n", "sent bytes after its reply"),
         (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "reply to CONNECT is not HTTP"),
     ],
 )

@@ -12,7 +12,8 @@ a local model server.
 Only http:// proxies are supported; any other scheme is refused at start, naming the
 variable. A proxy's user and password (``http://user:pass@host:port``) are sent as
 Proxy-Authorization and appear nowhere else: every message names the proxy by host:port.
-Sans-IO: the tunnel's bytes are built and its reply judged here; ``session.py`` dials.
+Sans-IO: the requests to a proxy are built here; ``tunnel.py`` reads its reply to CONNECT
+and ``session.py`` dials.
 """
 
 from __future__ import annotations

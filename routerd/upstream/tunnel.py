@@ -31,19 +31,21 @@ class _Handshake(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.answered: asyncio.Future[int] = loop.create_future()
         self.reason = b""
+        # Bytes came after the reply's head: the target speaks only once TLS begins, which
+        # this end starts, so they are not the target's, and the tunnel is not used.
+        self.extra = False
         self._parser = httptools.HttpResponseParser(self)
         self._seen = 0
 
     def data_received(self, data: bytes) -> None:
         if self.answered.done():
-            # The target speaks only after TLS begins, which this end starts.
-            self._fail("the proxy sent bytes after its reply to CONNECT")
+            self.extra = True
             return
         self._seen += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            pass  # llhttp stops at a 2xx to CONNECT: what follows is the tunnel's
+            pass  # a reply that says Upgrade: llhttp stops after its head, all that is read
         except httptools.HttpParserError as exc:
             self._fail(f"the proxy's reply to CONNECT is not HTTP: {exc}")
             return
@@ -52,6 +54,9 @@ class _Handshake(asyncio.Protocol):
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
+
+    def on_body(self, body: bytes) -> None:
+        self.extra = True
 
     def on_headers_complete(self) -> None:
         if not self.answered.done():
@@ -78,6 +83,8 @@ async def open_tunnel(
         if not 200 <= status < 300:
             reason = handshake.reason.decode("latin-1", "replace")[:80]
             raise ConnectError(f"the proxy refused the tunnel: {status} {reason}".rstrip())
+        if handshake.extra:
+            raise ConnectError("the proxy sent bytes after its reply to CONNECT")
         conn = Connection(endpoint.key)
         secured = await loop.start_tls(transport, conn, tls, server_hostname=endpoint.host)
         if secured is None:  # the transport closed under the handshake
