@@ -131,14 +131,19 @@ def _proxies(proxy: ForwardProxy, *, password: str = PASSWORD) -> Proxies:
     )
 
 
-async def test_https_goes_through_a_connect_tunnel_verified_against_the_target(
-    tmp_path: Path,
-) -> None:
-    cert, key = certificate(tmp_path, NAME)
+async def tls_behind_proxy(directory: Path) -> tuple[Path, Server, ForwardProxy]:
+    """A TLS server for NAME (its certificate self-signed) and a proxy that reaches it."""
+    cert, key = certificate(directory, NAME)
     served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     served.load_cert_chain(cert, key)
     server = await Server(answer()).start(served)
-    proxy = await ForwardProxy({f"{NAME}:443": server.port}).start()
+    return cert, server, await ForwardProxy({f"{NAME}:443": server.port}).start()
+
+
+async def test_https_goes_through_a_connect_tunnel_verified_against_the_target(
+    tmp_path: Path,
+) -> None:
+    cert, server, proxy = await tls_behind_proxy(tmp_path)
     try:
         trusting = ssl.create_default_context(cafile=str(cert))
         async with UpstreamSession(4, tls=trusting, proxies=_proxies(proxy)) as session:
@@ -260,11 +265,7 @@ async def test_a_certificate_authority_named_by_ssl_cert_file_is_trusted_through
 ) -> None:
     # A proxy that inspects TLS presents certificates of its own authority: the daemon is
     # told of it by SSL_CERT_FILE, which the default TLS context reads.
-    cert, key = certificate(tmp_path, NAME)
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    served.load_cert_chain(cert, key)
-    server = await Server(answer()).start(served)
-    proxy = await ForwardProxy({f"{NAME}:443": server.port}).start()
+    cert, server, proxy = await tls_behind_proxy(tmp_path)
     monkeypatch.setenv("SSL_CERT_FILE", str(cert))
     try:
         async with UpstreamSession(4, proxies=_proxies(proxy)) as session:

@@ -10,7 +10,7 @@ wherever it points), HTTP/2 (every provider speaks HTTP/1.1, and one connection 
 flight is what the pool's cap counts) and asking for compression (a reply is small or
 streamed; gzip or deflate sent anyway is decoded). An http:// proxy named by the
 environment (``proxy.py``) is dialled instead of the target: a CONNECT tunnel for https://,
-the request in absolute form for http://.
+the request in absolute form for http://. A host's addresses are raced (``eyeballs.py``).
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Self
 
 from routerd.upstream.connection import Connection, Key
+from routerd.upstream.eyeballs import Address, first_connected, resolve
 from routerd.upstream.proxy import Proxies, Proxy
 from routerd.upstream.tunnel import open_tunnel
 from routerd.upstream.wire import (
@@ -44,6 +45,8 @@ KEEPALIVE_S = 4.0
 CONNECT_S = 5.0
 
 ConnectTo = Callable[[str, int], tuple[str, int]]
+# A host's addresses to connect to, in the order to try them (eyeballs.resolve).
+Resolve = Callable[[str, int], Awaitable[list[Address]]]
 
 
 class Response:
@@ -82,12 +85,14 @@ class Pool:
         connect_to: ConnectTo | None = None,
         tls: ssl.SSLContext | None = None,
         proxies: Proxies | None = None,
+        resolve: Resolve = resolve,
     ) -> None:
         self.max_connections = max_connections
         self.keepalive_s = keepalive_s
         self.open = 0  # connecting, in use or idle
         self.in_use: set[Connection] = set()
         self._connect_to = connect_to
+        self._resolve = resolve
         self._proxies = proxies or Proxies()
         self._proxy_of: dict[Key, Proxy | None] = {}  # each target's, looked up once
         self._loop = asyncio.get_running_loop()
@@ -187,12 +192,10 @@ class Pool:
                 if proxy is not None and tls is not None:
                     conn = await open_tunnel(proxy, endpoint, host, port, tls)
                 else:
-                    _, conn = await self._loop.create_connection(
-                        lambda: Connection(endpoint.key),
-                        host,
-                        port,
-                        ssl=tls,
-                        server_hostname=endpoint.host if tls is not None else None,
+                    mapped = self._connect_to is not None
+                    addresses = [(host, port)] if mapped else await self._resolve(host, port)
+                    conn = await first_connected(
+                        addresses, lambda address: self._open(endpoint, address, tls), _close
                     )
                     if proxy is not None:  # plain HTTP: the request names its target whole
                         conn.request_head = proxy.absolute_head(endpoint)
@@ -206,6 +209,17 @@ class Pool:
             raise
         conn.on_closed = self._lost
         self.in_use.add(conn)
+        return conn
+
+    async def _open(
+        self, endpoint: Endpoint, address: Address, tls: ssl.SSLContext | None
+    ) -> Connection:
+        _, conn = await self._loop.create_connection(
+            lambda: Connection(endpoint.key),
+            *address,
+            ssl=tls,
+            server_hostname=endpoint.host if tls is not None else None,
+        )
         return conn
 
     def _proxy_for(self, endpoint: Endpoint) -> Proxy | None:
@@ -278,7 +292,15 @@ class UpstreamSession:
     default TLS context (a private certificate authority; the client's tests).
     """
 
-    __slots__ = ("_connect_to", "_keepalive_s", "_max_connections", "_pool", "_tls", "proxies")
+    __slots__ = (
+        "_connect_to",
+        "_keepalive_s",
+        "_max_connections",
+        "_pool",
+        "_resolve",
+        "_tls",
+        "proxies",
+    )
 
     def __init__(
         self,
@@ -288,12 +310,14 @@ class UpstreamSession:
         keepalive_s: float = KEEPALIVE_S,
         tls: ssl.SSLContext | None = None,
         proxies: Proxies | None = None,
+        resolve: Resolve = resolve,
     ) -> None:
         self._max_connections = max_connections
         self._connect_to = connect_to
         self._keepalive_s = keepalive_s
         self._tls = tls
         self.proxies = proxies or Proxies()
+        self._resolve = resolve
         self._pool: Pool | None = None
 
     def pool(self) -> Pool:
@@ -306,6 +330,7 @@ class UpstreamSession:
                 self._connect_to,
                 self._tls,
                 self.proxies,
+                self._resolve,
             )
         return pool
 
@@ -360,3 +385,7 @@ def _rehead(data: bytes | list[bytes], cut: int, head: bytes) -> bytes | list[by
     if isinstance(data, list):
         return [head + data[0][cut:], *data[1:]]
     return head + data[cut:]
+
+
+def _close(conn: Connection) -> None:
+    conn.close()
