@@ -8,17 +8,21 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from routerd.upstream.eyeballs import Address, first_connected, interleaved, resolve
+from routerd.upstream.proxy import proxies_from
 from routerd.upstream.session import UpstreamSession
 from routerd.upstream.wire import ConnectError, ConnectTimeout
 from tests.loopback import wait_until
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 from tests.test_upstream_client import Server, answer, fetch
+from tests.test_upstream_proxy import NAME, tls_behind_proxy
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 
@@ -188,3 +192,27 @@ async def test_every_address_refusing_is_one_connect_error_naming_each() -> None
     message = str(caught.value)
     assert message.startswith(f"cannot connect to dual.test:{closed}: 127.0.0.2 port {closed}")
     assert f"; 127.0.0.1 port {closed}: " in message
+
+
+async def test_a_proxy_whose_first_address_never_answers_is_reached_on_the_next(
+    unanswering: socket.socket, tmp_path: Path
+) -> None:
+    cert, server, proxy = await tls_behind_proxy(tmp_path)
+    dead = unanswering.getsockname()
+
+    async def resolve(host: str, port: int) -> list[Address]:
+        assert host == "proxy.test"
+        return [dead, ("127.0.0.1", proxy.port)]
+
+    proxies = proxies_from({"HTTPS_PROXY": f"http://proxy.test:{proxy.port}"})
+    trusting = ssl.create_default_context(cafile=str(cert))
+    try:
+        async with UpstreamSession(4, tls=trusting, proxies=proxies, resolve=resolve) as session:
+            started = time.monotonic()
+            assert await fetch(session, f"https://{NAME}/v1") == (200, b'{"ok": true}')
+            assert time.monotonic() - started < 2.0
+            assert session.pool().open == 1
+        assert proxy.lines == [f"CONNECT {NAME}:443 HTTP/1.1"]
+    finally:
+        await proxy.stop()
+        await server.stop()

@@ -189,16 +189,11 @@ class Pool:
             where += f" through the proxy {proxy.where}"
         try:
             async with asyncio.timeout(connect_s):
-                if proxy is not None and tls is not None:
-                    conn = await open_tunnel(proxy, endpoint, host, port, tls)
-                else:
-                    mapped = self._connect_to is not None
-                    addresses = [(host, port)] if mapped else await self._resolve(host, port)
-                    conn = await first_connected(
-                        addresses, lambda address: self._open(endpoint, address, tls), _close
-                    )
-                    if proxy is not None:  # plain HTTP: the request names its target whole
-                        conn.request_head = proxy.absolute_head(endpoint)
+                mapped = self._connect_to is not None
+                addresses = [(host, port)] if mapped else await self._resolve(host, port)
+                conn = await first_connected(addresses, self._dialler(endpoint, proxy, tls), _close)
+                if proxy is not None and tls is None:  # plain HTTP: the target named whole
+                    conn.request_head = proxy.absolute_head(endpoint)
         except BaseException as exc:
             self.open -= 1
             self._wake_one()
@@ -211,16 +206,24 @@ class Pool:
         self.in_use.add(conn)
         return conn
 
-    async def _open(
-        self, endpoint: Endpoint, address: Address, tls: ssl.SSLContext | None
-    ) -> Connection:
-        _, conn = await self._loop.create_connection(
-            lambda: Connection(endpoint.key),
-            *address,
-            ssl=tls,
-            server_hostname=endpoint.host if tls is not None else None,
-        )
-        return conn
+    def _dialler(
+        self, endpoint: Endpoint, proxy: Proxy | None, tls: ssl.SSLContext | None
+    ) -> Callable[[Address], Awaitable[Connection]]:
+        """What connects to one address: a tunnel through the proxy for https://, else the
+        target (or for http://, the proxy) itself, over TLS when the target is https://."""
+        if proxy is not None and tls is not None:
+            return lambda address: open_tunnel(proxy, endpoint, *address, tls)
+
+        async def direct(address: Address) -> Connection:
+            _, conn = await self._loop.create_connection(
+                lambda: Connection(endpoint.key),
+                *address,
+                ssl=tls,
+                server_hostname=endpoint.host if tls is not None else None,
+            )
+            return conn
+
+        return direct
 
     def _proxy_for(self, endpoint: Endpoint) -> Proxy | None:
         if not self._proxies:
