@@ -116,6 +116,12 @@ async def test_a_loser_that_connects_after_the_winner_is_closed() -> None:
     await wait_until(lambda: attempts.closed == ["conn-b"])
 
 
+async def test_no_address_is_an_error() -> None:
+    attempts = Attempts()
+    with pytest.raises(OSError, match="no address to connect to"):
+        await first_connected([], attempts.connect, attempts.close)
+
+
 async def test_cancelling_the_race_cancels_every_attempt() -> None:
     attempts = Attempts()
     race = asyncio.create_task(first_connected([A, B], attempts.connect, attempts.close, 0.01))

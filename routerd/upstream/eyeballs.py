@@ -62,6 +62,8 @@ async def first_connected(
     an OSError naming each address's, when every attempt failed."""
     if len(addresses) == 1:
         return await connect(addresses[0])
+    if not addresses:
+        raise OSError("no address to connect to")
     race = _Race(connect, close)
     try:
         for address in addresses:
@@ -101,7 +103,7 @@ class _Race(Generic[T]):
         for task, address in [*self._tasks.items()]:
             if task.done() and not self._won:
                 del self._tasks[task]
-                exc = task.exception()
+                exc = asyncio.CancelledError() if task.cancelled() else task.exception()
                 if exc is None:
                     self._won.append(task.result())
                 else:
