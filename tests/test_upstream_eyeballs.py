@@ -168,7 +168,7 @@ async def test_a_host_whose_first_address_never_answers_is_reached_on_the_next(
             started = time.monotonic()
             url = f"http://dual.test:{server.port}/v1"
             assert await fetch(session, url) == (200, b'{"ok": true}')
-            assert time.monotonic() - started < 2.0  # not the 5 s connect timeout
+            assert time.monotonic() - started < 4.0  # not the 5 s connect timeout
             assert session.pool().open == 1  # the unanswered attempt left nothing open
         assert len(server.peers) == 1
 
@@ -216,7 +216,7 @@ async def test_a_proxy_whose_first_address_never_answers_is_reached_on_the_next(
         async with UpstreamSession(4, tls=trusting, proxies=proxies, resolve=resolve) as session:
             started = time.monotonic()
             assert await fetch(session, f"https://{NAME}/v1") == (200, b'{"ok": true}')
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 4.0  # not the 5 s connect timeout
             assert session.pool().open == 1
         assert proxy.lines == [f"CONNECT {NAME}:443 HTTP/1.1"]
     finally:

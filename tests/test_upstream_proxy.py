@@ -254,7 +254,7 @@ async def test_a_proxy_that_stalls_or_never_ends_its_reply_is_given_up_on(
             started = time.monotonic()
             with pytest.raises(error, match=words):
                 await session.request(f"https://{NAME}/v1", b"", {}, 5.0, connect_s=0.3)
-            assert time.monotonic() - started < 2.0
+            assert time.monotonic() - started < 4.0  # not the 5 s read timeout
             assert session.pool().open == 0
     finally:
         await proxy.stop()
