@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 import shutil
 import tempfile
@@ -14,6 +15,12 @@ from routerd.launch import DaemonProcess
 from routerd.mock import MockProcess, MockSpec, start_mock_process
 from routerd.upstream.proxy import VARIABLES as PROXY_VARIABLES
 from tests.loopback import SERVING, Loopback, serve
+
+# Every process the tests start talks to servers on loopback only: the machine's proxy
+# variables (a CI machine may set them for its package registry) must not reach a daemon
+# they start; a test that wants a proxy sets its own.
+for _name in PROXY_VARIABLES:
+    os.environ.pop(_name, None)
 
 
 def canary(label: str) -> str:
@@ -55,13 +62,8 @@ def daemon(short_dir: Path) -> Iterator[DaemonFactory]:
     def start(config: str, *, env: dict[str, str] | None = None, name: str = "d") -> DaemonProcess:
         path = short_dir / f"{name}.toml"
         path.write_text(config)
-        # The default state file must not leak between tests (or into the user's home), and
-        # the machine's proxy variables must not reach the daemon (a test sets its own).
-        isolated = {
-            **dict.fromkeys(PROXY_VARIABLES, ""),
-            "XDG_STATE_HOME": str(short_dir / "state"),
-            **(env or {}),
-        }
+        # The default state file must not leak between tests (or into the user's home).
+        isolated = {"XDG_STATE_HOME": str(short_dir / "state"), **(env or {})}
         process = DaemonProcess(
             path,
             socket_path=short_dir / f"{name}.sock",
