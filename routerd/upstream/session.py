@@ -181,16 +181,14 @@ class Pool:
         self.open += 1
         proxy = self._proxy_for(endpoint)
         host, port = (endpoint.host, endpoint.port) if proxy is None else (proxy.host, proxy.port)
-        if self._connect_to is not None:
-            host, port = self._connect_to(host, port)
+        mapped = self._connect_to(host, port) if self._connect_to is not None else None
         tls = self._context() if endpoint.tls else None
         where = f"{endpoint.host}:{endpoint.port}"
         if proxy is not None:
             where += f" through the proxy {proxy.where}"
         try:
             async with asyncio.timeout(connect_s):
-                mapped = self._connect_to is not None
-                addresses = [(host, port)] if mapped else await self._resolve(host, port)
+                addresses = [mapped] if mapped is not None else await self._resolve(host, port)
                 conn = await first_connected(addresses, self._dialler(endpoint, proxy, tls), _close)
                 if proxy is not None and tls is None:  # plain HTTP: the target named whole
                     conn.request_head = proxy.absolute_head(endpoint)
@@ -300,9 +298,9 @@ class UpstreamSession:
         "_keepalive_s",
         "_max_connections",
         "_pool",
+        "_proxies",
         "_resolve",
         "_tls",
-        "proxies",
     )
 
     def __init__(
@@ -319,7 +317,7 @@ class UpstreamSession:
         self._connect_to = connect_to
         self._keepalive_s = keepalive_s
         self._tls = tls
-        self.proxies = proxies or Proxies()
+        self._proxies = proxies or Proxies()
         self._resolve = resolve
         self._pool: Pool | None = None
 
@@ -332,7 +330,7 @@ class UpstreamSession:
                 self._keepalive_s,
                 self._connect_to,
                 self._tls,
-                self.proxies,
+                self._proxies,
                 self._resolve,
             )
         return pool
