@@ -13,7 +13,6 @@ from routerd.core.limits import (
     limits_from_headers,
     openai_limits,
     parse_go_duration,
-    parse_rfc3339,
     retry_after,
     rfc3339_reset,
     window_reset,
@@ -67,18 +66,20 @@ def test_a_go_duration_reset_knows_the_unit_of_its_last_digit(text: str, step: f
 
 
 @pytest.mark.parametrize(
-    ("text", "step"),
+    ("text", "seconds", "step"),
     [
-        ("2025-08-21T12:40:59Z", 1.0),
-        ("2025-08-21T12:40:59.5Z", 0.1),
-        ("2025-08-21T12:40:59.123+00:00", 0.001),
-        ("2025-08-21T12:40:59", 1.0),
+        ("2025-08-21T12:40:59Z", 59.0, 1.0),
+        ("2025-08-21T12:40:59.5Z", 59.5, 0.1),
+        ("2025-08-21T12:40:59.123+00:00", 59.123, 0.001),
+        ("2025-08-21T12:40:59", 59.0, 1.0),
     ],
 )
-def test_an_rfc3339_reset_knows_the_unit_of_its_last_digit(text: str, step: float) -> None:
+def test_an_rfc3339_reset_knows_the_unit_of_its_last_digit(
+    text: str, seconds: float, step: float
+) -> None:
     reset = rfc3339_reset(text, NOW)
     assert reset is not None and reset[1] == pytest.approx(step)
-    assert reset[0] == parse_rfc3339(text, NOW)
+    assert reset[0] == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize(
@@ -184,9 +185,9 @@ def test_anthropic_limits_turn_rfc3339_resets_into_seconds_from_now() -> None:
 
 
 def test_anthropic_reset_junk_or_past() -> None:
-    assert parse_rfc3339("yesterday", NOW) is None
-    assert parse_rfc3339("2025-08-21T12:00:00Z", NOW) == 0.0
-    assert parse_rfc3339("2025-08-21T12:41:00", NOW) == 60.0  # naive means UTC
+    assert rfc3339_reset("yesterday", NOW) is None
+    assert rfc3339_reset("2025-08-21T12:00:00Z", NOW) == (0.0, 1.0)
+    assert rfc3339_reset("2025-08-21T12:41:00", NOW) == (60.0, 1.0)  # naive means UTC
     assert anthropic_limits({}, NOW).is_empty()
 
 

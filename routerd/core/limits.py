@@ -22,7 +22,6 @@ __all__ = [
     "limits_from_headers",
     "openai_limits",
     "parse_go_duration",
-    "parse_rfc3339",
     "retry_after",
     "rfc3339_reset",
     "window_reset",
@@ -109,12 +108,6 @@ def _int(text: str | None) -> int | None:
         pass
     value = _seconds(text)  # "149984.0" from a sloppy proxy still counts
     return int(value) if value is not None else None
-
-
-def parse_rfc3339(text: str | None, now: float) -> float | None:
-    """Seconds from ``now`` (unix time) until an RFC 3339 timestamp, clamped at 0."""
-    reset = rfc3339_reset(text, now)
-    return None if reset is None else reset[0]
 
 
 def rfc3339_reset(text: str | None, now: float) -> tuple[float, float] | None:
