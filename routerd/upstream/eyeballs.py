@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
 __all__ = ["ATTEMPT_DELAY_S", "Address", "first_connected", "interleaved", "resolve"]
 
@@ -24,6 +24,7 @@ ATTEMPT_DELAY_S = 0.25
 
 Address = tuple[str, int]  # (IP address, port)
 T = TypeVar("T")
+Connect = Callable[[Address], Coroutine[Any, Any, T]]
 
 
 async def resolve(host: str, port: int) -> list[Address]:
@@ -53,7 +54,7 @@ def interleaved(found: Sequence[tuple[int, str, int]]) -> list[Address]:
 
 async def first_connected(
     addresses: Sequence[Address],
-    connect: Callable[[Address], Awaitable[T]],
+    connect: Connect[T],
     close: Callable[[T], None],
     delay: float = ATTEMPT_DELAY_S,
 ) -> T:
@@ -81,7 +82,7 @@ async def first_connected(
 class _Race(Generic[T]):
     """The attempts of one ``first_connected``: started, settled, and ended."""
 
-    def __init__(self, connect: Callable[[Address], Awaitable[T]], close: Callable[[T], None]):
+    def __init__(self, connect: Connect[T], close: Callable[[T], None]) -> None:
         self._connect = connect
         self._close = close
         self._tasks: dict[asyncio.Task[T], Address] = {}
@@ -89,7 +90,7 @@ class _Race(Generic[T]):
         self._won: list[T] = []
 
     def start(self, address: Address) -> None:
-        task = asyncio.get_running_loop().create_task(_awaited(self._connect(address)))
+        task = asyncio.get_running_loop().create_task(self._connect(address))
         self._tasks[task] = address
 
     def running(self) -> bool:
@@ -129,7 +130,3 @@ class _Race(Generic[T]):
         return OSError(
             "; ".join(f"{host} port {port}: {exc}" for (host, port), exc in self._errors)
         )
-
-
-async def _awaited(attempt: Awaitable[T]) -> T:
-    return await attempt

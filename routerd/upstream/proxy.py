@@ -54,7 +54,7 @@ class Proxy:
     @property
     def where(self) -> str:
         """host:port, for messages (never the credentials)."""
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return _authority(self.host, self.port)
 
     def connect_request(self, endpoint: Endpoint) -> bytes:
         """The CONNECT request that opens a tunnel to ``endpoint``."""
@@ -68,11 +68,12 @@ class Proxy:
     def absolute_head(self, endpoint: Endpoint) -> bytes:
         """``endpoint.head`` with its request target in absolute form, for a plain-HTTP
         request sent to this proxy."""
-        line, _, rest = endpoint.head.partition(b"\r\n")
-        method, target, version = line.split(b" ")
-        authority = _authority(endpoint.host, endpoint.port).encode("ascii")
-        absolute = b"http://" + authority + target
-        return b" ".join((method, absolute, version)) + b"\r\n" + rest + self.authorization
+        authority = _authority(endpoint.host, endpoint.port)
+        return (
+            f"POST http://{authority}{endpoint.target} HTTP/1.1\r\n"
+            f"Host: {endpoint.authority}\r\n".encode("ascii")
+            + self.authorization
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from types import TracebackType
 from typing import Self
 
 from routerd.upstream.connection import Connection, Key
-from routerd.upstream.eyeballs import Address, first_connected, resolve
+from routerd.upstream.eyeballs import Address, Connect, first_connected, resolve
 from routerd.upstream.proxy import Proxies, Proxy
 from routerd.upstream.tunnel import open_tunnel
 from routerd.upstream.wire import (
@@ -206,7 +206,7 @@ class Pool:
 
     def _dialler(
         self, endpoint: Endpoint, proxy: Proxy | None, tls: ssl.SSLContext | None
-    ) -> Callable[[Address], Awaitable[Connection]]:
+    ) -> Connect[Connection]:
         """What connects to one address: a tunnel through the proxy for https://, else the
         target (or for http://, the proxy) itself, over TLS when the target is https://."""
         if proxy is not None and tls is not None:

@@ -79,13 +79,15 @@ class Endpoint:
     header, the part of every request to this URL that never changes.
     """
 
-    __slots__ = ("head", "host", "key", "port", "tls", "url")
+    __slots__ = ("authority", "head", "host", "key", "port", "target", "tls", "url")
 
     def __init__(self, url: str, tls: bool, host: str, port: int, authority: str, target: str):
         self.url = url
         self.tls = tls
         self.host = host
         self.port = port
+        self.authority = authority  # the Host header's value
+        self.target = target  # the request target: path and query
         self.key = ("https" if tls else "http", host, port)
         self.head = f"POST {target} HTTP/1.1\r\nHost: {authority}\r\n".encode("ascii")
 
