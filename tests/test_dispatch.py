@@ -436,6 +436,20 @@ async def test_a_failed_request_and_its_breaker_are_logged_at_warning() -> None:
     assert [e["log_level"] for e in logs if e["event"] == "request"] == ["info"]
 
 
+async def test_a_request_takes_its_pools_first_key_and_a_conversation_chooses_among_all() -> None:
+    # A request with no conversation plans its first candidate only (fill_first: "a"); a new
+    # conversation is placed where the fewest are held, so it still sees every key.
+    async with running(lambda call, label: None) as (dispatcher, _):
+        plain = [(await dispatcher.chat("r", request(SHORT))).credential for _ in range(4)]
+        assert plain == ["a"] * 4
+        placed = [
+            (await dispatcher.chat("r", request(SHORT), session=f"conversation-{n}")).credential
+            for n in range(4)
+        ]
+        assert placed == ["a", "b", "a", "b"]
+        await dispatcher.wait_idle()
+
+
 async def test_a_reply_returns_before_its_bookkeeping_which_every_plan_and_status_sees() -> None:
     async with running(lambda call, label: None) as (dispatcher, _):
         key = dispatcher.targets["anthropic/claude"].pool[0]

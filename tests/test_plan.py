@@ -380,6 +380,55 @@ def test_a_large_pool_picks_the_key_the_full_plan_puts_first(strategy: str) -> N
         _churn(pool, rng, now, 200)
 
 
+@pytest.mark.parametrize("strategy", ["headroom", "fill_first", "round_robin", "least_used"])
+def test_a_small_pool_picks_the_key_the_full_plan_puts_first(strategy: str) -> None:
+    # first_only orders a small pool and tries its keys in turn; the pick is the full plan's.
+    rng, now = random.Random(strategy + "small"), 1000.0
+    pool = [_random_key(i, rng, now) for i in range(12)]
+    backup = [_random_key(100 + i, rng, now) for i in range(3)]
+    chain = [
+        target("p/m", pool, strategy, context_window=8_000, long_context_window=100_000),
+        target("q/m", backup, strategy),
+    ]
+    rotations = {"p": 0, "q": 0}
+    for step in range(200):
+        for tokens in (100, 5_000, 50_000):
+            ruled = Exclusions(credentials={("p", f"k{rng.randrange(12)}")} if step % 3 else set())
+            kw = {"exclusions": ruled, "rotations": rotations}
+            quick = plan(chain, tokens, now, first_only=True, **kw)  # type: ignore[arg-type]
+            full = plan(chain, tokens, now, **kw)  # type: ignore[arg-type]
+            assert [(c.credential.label, c.long) for c in quick.candidates] == [
+                (c.credential.label, c.long) for c in full.candidates[:1]
+            ], (step, tokens)
+            if not quick.candidates:  # none: the full plan, to say why and until when
+                assert (quick.partial, quick.free_at, quick.blocked) == (
+                    False,
+                    full.free_at,
+                    full.blocked,
+                )
+        rotations["p"] += rng.randrange(1, 5)
+        now += rng.uniform(0, 4)
+        _churn(pool, rng, now, 3)
+        _churn(backup, rng, now, 1)
+
+
+def test_a_small_random_pool_picks_what_the_full_plan_would_from_the_same_draw() -> None:
+    rng, now = random.Random(11), 1000.0
+    pool = [_random_key(i, rng, now) for i in range(12)]
+    t = target("p/m", pool, "random")
+    picked: set[str] = set()
+    for seed in range(60):
+        quick = plan([t], 100, now, first_only=True, rng=random.Random(seed))
+        full = plan([t], 100, now, rng=random.Random(seed))
+        assert [c.credential.label for c in quick.candidates] == [
+            c.credential.label for c in full.candidates[:1]
+        ]
+        picked.update(c.credential.label for c in quick.candidates)
+        _churn(pool, rng, now, 2)
+        now += 0.5
+    assert len(picked) > 4
+
+
 def test_a_large_random_pool_picks_a_usable_key_and_spreads() -> None:
     rng, now = random.Random(5), 1000.0
     pool = [_random_key(i, rng, now) for i in range(10_000)]

@@ -202,11 +202,16 @@ class CredentialState:
 
         Unknown windows count as full, so a fresh key is preferred over a draining one.
         """
+        # window.fraction's clamp, inlined: every key of a pool ordered by headroom asks
+        # this on each pick.
         share = 1.0
         for window in (self.requests, self.tokens):
-            fraction = window.fraction(now)
-            if fraction is not None:
-                share = min(share, fraction)
+            limit = window.limit
+            if not limit:
+                continue
+            left = window.left(now)
+            if left is not None and left / limit < share:
+                share = max(0.0, left / limit)
         return share
 
     # ---- changing ---------------------------------------------------------------------

@@ -184,13 +184,14 @@ def plan(
     each target scales that part by what its provider's usage reports taught it.
 
     ``first_only``: the caller takes the first candidate and plans again after a failure,
-    so where a large pool is in the chain only that one is looked for (see poolindex.py);
-    a request that finds none gets the full plan, to say why and until when.
+    so only that one is looked for: a small pool is ordered and its keys tried in that
+    order until one is usable, a large one read from its index (see poolindex.py). A
+    request that finds none gets the full plan, to say why and until when.
     """
     exclusions = exclusions or Exclusions()
     rotations = rotations or {}
     rng = rng or random.Random()
-    if first_only and any(len(t.pool) >= INDEX_MIN for t in chain):
+    if first_only:
         first = _first(chain, tokens, now, prompt_tokens, exclusions, rotations, rng)
         if first is not None:
             return Plan([first], partial=True)
@@ -223,6 +224,12 @@ def plan(
     if not any_fit:
         result.free_at = None
     return result
+
+
+def listed_in_full(chain: Sequence[Target]) -> bool:
+    """Whether the full plan of ``chain`` lists its candidates at a small pool's cost: no
+    pool in it is large enough for an index."""
+    return all(len(t.pool) < INDEX_MIN for t in chain)
 
 
 def held_pair(
@@ -291,14 +298,50 @@ def _first(
             continue
         rotation = rotations.get(target.provider, 0)
         if len(target.pool) < INDEX_MIN:
-            usable = _usable_credentials(Plan(), target, exclusions, need, long, now)
-            ordered = order_pool(usable, target.strategy, now, rng, rotation)
-            if ordered:
-                return Candidate(target, ordered[0], long)
-            continue
-        found = _first_indexed(target, exclusions, need, long, now, rotation, rng)
+            found = _first_small(target, exclusions, need, long, now, rotation, rng)
+        else:
+            found = _first_indexed(target, exclusions, need, long, now, rotation, rng)
         if found is not None:
             return Candidate(target, found, long)
+    return None
+
+
+def _usable(
+    c: CredentialState, ruled_out: set[tuple[str, str]], need: int, long: bool, now: float
+) -> bool:
+    """Whether ``c`` can take ``need`` tokens now (``_usable_credentials``' test, one key)."""
+    if ruled_out and (c.provider, c.label) in ruled_out:
+        return False
+    if long and not c.long_lane_open(now):
+        return False
+    return c.free_at(now, need, long=long) <= now
+
+
+# Strategies whose order is a total order of the keys themselves: the first usable key in
+# the whole pool's order is the first of the usable keys' order.
+_KEYED = frozenset({"fill_first", "least_used", "headroom"})
+
+
+def _first_small(
+    target: Target,
+    exclusions: Exclusions,
+    need: int,
+    long: bool,
+    now: float,
+    rotation: int,
+    rng: random.Random,
+) -> CredentialState | None:
+    """The first usable key of a small pool in its strategy's order: the pool ordered, then
+    tried key by key, so a pick whose first key is free tests that key alone. Round robin
+    and random order the usable keys only (where the rotation lands depends on how many)."""
+    if target.strategy not in _KEYED:
+        usable = _usable_credentials(Plan(), target, exclusions, need, long, now)
+        ordered = order_pool(usable, target.strategy, now, rng, rotation)
+        return ordered[0] if ordered else None
+    ruled_out = exclusions.credentials
+    for c in order_pool(target.pool, target.strategy, now, rng, rotation):
+        if _usable(c, ruled_out, need, long, now):
+            return c
     return None
 
 
@@ -315,11 +358,7 @@ def _first_indexed(
     ruled_out = exclusions.credentials
 
     def usable(c: CredentialState) -> bool:
-        if ruled_out and (c.provider, c.label) in ruled_out:
-            return False
-        if long and not c.long_lane_open(now):
-            return False
-        return c.free_at(now, need, long=long) <= now
+        return _usable(c, ruled_out, need, long, now)
 
     excluded = any(provider == target.provider for provider, _ in ruled_out)
     try:

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 
 from routerd.core.credential import CredentialState, Health
 
-# A pool this large is indexed; a smaller one is planned in full, as it always was.
+# A pool this large is indexed; a smaller one is ordered whole at each pick (plan.py).
 INDEX_MIN = 64
 # Rebuilt this often anyway (seconds of the plan's clock), so a missed change cannot last.
 REFRESH_S = 30.0

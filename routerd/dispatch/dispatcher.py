@@ -43,7 +43,7 @@ from routerd.dispatch.job import MAX_ATTEMPTS, Job, OnDelta
 from routerd.dispatch.queue import Waiter, give_up
 from routerd.dispatch.routes import Route, RouteTable
 from routerd.dispatch.sharing import Sharing
-from routerd.dispatch.sticky import place
+from routerd.dispatch.sticky import place, placed_among_all
 
 log = structlog.get_logger("routerd.dispatch")
 
@@ -287,7 +287,7 @@ class Dispatcher:
     async def _serve(self, job: Job) -> Reply:
         """Attempt candidates in plan order, waiting in the route's queue when none is free."""
         route = job.route
-        queue, assess = route.queue, self._assess(route)
+        queue, assess = route.queue, self._assess(route, first_only=not placed_among_all(job))
         waiter: Waiter | None = None
 
         def wait_in_line() -> Waiter:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from routerd.core.affinity import Affinity, Held
-from routerd.core.plan import Candidate, Exclusions, Plan, held_pair
+from routerd.core.plan import Candidate, Exclusions, Plan, held_pair, listed_in_full
 from routerd.dispatch.routes import Route
 
 
@@ -17,6 +17,12 @@ class Turn(Protocol):
     tokens: int
     prompt: int
     exclusions: Exclusions
+
+
+def placed_among_all(job: Turn) -> bool:
+    """Whether the job's plans must list every candidate: a conversation's turn is placed
+    among them (where a pool is too large to list, among the first it gives)."""
+    return job.session is not None and listed_in_full(job.route.chain)
 
 
 def place(affinity: Affinity, job: Turn, decision: Plan, now: float, *, count: bool) -> Candidate:
