@@ -398,14 +398,17 @@ def free_port() -> int:
         return port
 
 
-def start_routerd(workdir: Path, upstream: str, http_port: int, token: str) -> DaemonProcess:
-    """A real ``routerd serve``: one route to the responder, msgpack socket and HTTP front."""
+def start_routerd(
+    workdir: Path, upstream: str, http_port: int, token: str, log_level: str
+) -> DaemonProcess:
+    """A real ``routerd serve``: one route to the responder, msgpack socket and HTTP front;
+    at ``log_level`` (routerd's default, ``info``, writes a line per request)."""
     config = workdir / "routerd.toml"
     config.write_text(
         f"""
 [server]
 state_file = "{workdir / "state.msgpack"}"
-log_level = "warning"
+log_level = "{log_level}"
 http_listen = "127.0.0.1:{http_port}"
 http_token_env = "FRONT_HTTP_TOKEN"
 
@@ -1126,6 +1129,12 @@ def main() -> None:
     )
     parser.add_argument("--stream-concurrency", type=int, default=100)
     parser.add_argument("--skip-litellm", action="store_true", help="leave LiteLLM's proxy out")
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="routerd's server.log_level (default: info, routerd's own default)",
+    )
     parser.add_argument("--litellm-timeout", type=float, default=180.0, help=argparse.SUPPRESS)
     parser.add_argument("--responder", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--relay", type=int, default=0, help=argparse.SUPPRESS)
@@ -1159,7 +1168,9 @@ def main() -> None:
             relay, relay_port = start_child("relay", "--relay", str(port))
             children.append(relay)
             http_port = free_port()
-            daemon = stack.enter_context(start_routerd(workdir, upstream, http_port, token))
+            daemon = stack.enter_context(
+                start_routerd(workdir, upstream, http_port, token, args.log_level)
+            )
             roots = {
                 "responder": responder.process.pid,
                 "relay": relay.process.pid,
@@ -1217,7 +1228,10 @@ def main() -> None:
         f"{package_version('aiohttp')}, Python {platform.python_version()}, {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} cores, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
     )
-    print(f"{plan.rounds} rounds, paths interleaved (order rotating each round)")
+    print(
+        f"{plan.rounds} rounds, paths interleaved (order rotating each round); routerd at "
+        f"log_level {args.log_level}"
+    )
     print(
         f"machine speed: one Python function call took {speed_before:.1f} ns before the run, "
         f"{call_ns():.1f} ns after (lower is faster)"
