@@ -297,10 +297,7 @@ def _first(
         if not fits or not target.breaker.admits(now):
             continue
         rotation = rotations.get(target.provider, 0)
-        if len(target.pool) < INDEX_MIN:
-            found = _first_small(target, exclusions, need, long, now, rotation, rng)
-        else:
-            found = _first_indexed(target, exclusions, need, long, now, rotation, rng)
+        found = _first_usable(target, exclusions, need, long, now, rotation, rng)
         if found is not None:
             return Candidate(target, found, long)
     return None
@@ -322,7 +319,7 @@ def _usable(
 _KEYED = frozenset({"fill_first", "least_used", "headroom"})
 
 
-def _first_small(
+def _first_usable(
     target: Target,
     exclusions: Exclusions,
     need: int,
@@ -331,45 +328,31 @@ def _first_small(
     rotation: int,
     rng: random.Random,
 ) -> CredentialState | None:
-    """The first usable key of a small pool in its strategy's order: the pool ordered, then
-    tried key by key, so a pick whose first key is free tests that key alone. Round robin
-    and random order the usable keys only (where the rotation lands depends on how many)."""
-    if target.strategy not in _KEYED:
-        usable = _usable_credentials(Plan(), target, exclusions, need, long, now)
-        ordered = order_pool(usable, target.strategy, now, rng, rotation)
-        return ordered[0] if ordered else None
-    ruled_out = exclusions.credentials
-    for c in order_pool(target.pool, target.strategy, now, rng, rotation):
-        if _usable(c, ruled_out, need, long, now):
-            return c
-    return None
+    """The first usable key of the target's pool in its strategy's order.
 
-
-def _first_indexed(
-    target: Target,
-    exclusions: Exclusions,
-    need: int,
-    long: bool,
-    now: float,
-    rotation: int,
-    rng: random.Random,
-) -> CredentialState | None:
-    """The first usable key of a large pool in its strategy's order, from its index."""
+    A large pool reads it from its index. A small one (or a large one whose index went
+    stale) is ordered whole and its keys tried in that order, so a pick whose first key is
+    free tests that key alone; round robin and random order the usable keys only, since
+    where the rotation lands depends on how many there are.
+    """
     ruled_out = exclusions.credentials
 
     def usable(c: CredentialState) -> bool:
         return _usable(c, ruled_out, need, long, now)
 
-    excluded = any(provider == target.provider for provider, _ in ruled_out)
-    try:
-        return index_for(target.pool, target.strategy, now).first(
-            usable, now, rotation, rng, excluded
-        )
-    except StaleIndex:
-        ordered = order_pool(
-            [c for c in target.pool if usable(c)], target.strategy, now, rng, rotation
-        )
-        return ordered[0] if ordered else None
+    if len(target.pool) >= INDEX_MIN:
+        excluded = any(provider == target.provider for provider, _ in ruled_out)
+        try:
+            return index_for(target.pool, target.strategy, now).first(
+                usable, now, rotation, rng, excluded
+            )
+        except StaleIndex:
+            pass
+    if target.strategy in _KEYED:
+        ordered = order_pool(target.pool, target.strategy, now, rng, rotation)
+        return next((c for c in ordered if usable(c)), None)
+    ordered = order_pool([c for c in target.pool if usable(c)], target.strategy, now, rng, rotation)
+    return ordered[0] if ordered else None
 
 
 def _usable_credentials(
