@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -60,7 +61,7 @@ def configure(level: str = "info", fmt: str | None = None) -> None:
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
     renderer: structlog.types.Processor
-    factory: structlog.types.WrappedLogger
+    factory: Callable[..., Any]
     raw = getattr(sys.stderr, "buffer", None)
     if fmt == "json" and raw is not None:
         # Rendered to bytes and written as they are: no str made and encoded again.

@@ -210,8 +210,11 @@ class CredentialState:
             if not limit:
                 continue
             left = window.left(now)
-            if left is not None and left / limit < share:
-                share = max(0.0, left / limit)
+            if left is None:
+                continue
+            fraction = left / limit
+            if fraction < share:
+                share = max(0.0, fraction)
         return share
 
     # ---- changing ---------------------------------------------------------------------
