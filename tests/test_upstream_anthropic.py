@@ -491,6 +491,24 @@ async def test_stream_of_the_documented_events_yields_openai_deltas_and_summary(
     await wait_until(lambda: body.exhausted and body.closed)
 
 
+async def test_a_streams_limits_are_read_when_its_settle_asks_and_dated_then() -> None:
+    # The settle asks after the stream ended; an absolute reset is counted from then, so a
+    # long stream does not push the window's reset later by its own length.
+    now = [NOW]
+    body = Body(DOCS_STREAM)
+    streaming_adapter = AnthropicAdapter(
+        answering(streaming(body, headers=LIMIT_HEADERS)), clock=lambda: now[0]
+    )
+    async with streaming_adapter.stream(make_call()) as stream:
+        deltas = [delta async for delta in stream]
+        now[0] = NOW + 20.0  # the stream took 20 s
+        limits = stream.limits
+    assert deltas and stream.finish_reason == "tool_calls"
+    assert limits.input_tokens is not None and limits.input_tokens.reset_s == 39.0
+    assert limits.requests is not None and limits.requests.remaining == 49
+    assert stream.limits is limits  # read once
+
+
 async def test_stream_with_crlf_line_ends_and_no_event_names() -> None:
     # The data's own "type" names the event when a proxy drops the event: lines.
     lines = [line for line in DOCS_STREAM.decode().split("\n") if not line.startswith("event:")]

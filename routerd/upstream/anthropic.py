@@ -26,7 +26,15 @@ from routerd.translate import (
     anthropic_to_completion,
     openai_to_anthropic,
 )
-from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
+from routerd.upstream.common import (
+    Answer,
+    LimitsOnAsking,
+    Streamed,
+    endpoint,
+    open_stream,
+    post,
+    sse_events,
+)
 from routerd.upstream.session import UpstreamSession
 from routerd.upstream.wire import Endpoint
 
@@ -44,7 +52,7 @@ def _messages_url(base_url: str) -> Endpoint | str:
     return endpoint(base, "messages" if base.endswith("/v1") else "v1/messages")
 
 
-class AnthropicStream:
+class AnthropicStream(LimitsOnAsking):
     """An open Messages stream. Iterate it once for OpenAI-style Deltas.
 
     ``limits`` is known on entry; ``usage``, ``model`` and ``finish_reason`` are complete
@@ -58,7 +66,6 @@ class AnthropicStream:
         "_response",
         "_translator",
         "finish_reason",
-        "limits",
         "model",
         "usage",
     )
@@ -67,10 +74,10 @@ class AnthropicStream:
         self,
         response: Streamed,
         call: Call,
-        limits: RateLimitReport,
+        read_limits: Callable[[], RateLimitReport],
         clock: Callable[[], float],
     ) -> None:
-        self.limits = limits
+        super().__init__(read_limits)
         self.usage: dict[str, int] = {}
         self.model = call.model
         self.finish_reason: str | None = None
@@ -227,5 +234,7 @@ class AnthropicAdapter:
             return self._classify(status, headers, body, call)
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = anthropic_limits(response.headers, self._clock())
-            yield AnthropicStream(response, call, limits, self._clock)
+            clock = self._clock
+            yield AnthropicStream(
+                response, call, lambda: anthropic_limits(response.headers, clock()), clock
+            )

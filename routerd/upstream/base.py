@@ -11,13 +11,15 @@ from routerd.core.outcome import RateLimitReport
 
 
 class Stream(Protocol):
-    """An open upstream stream. ``limits`` is known once the response headers arrived.
+    """An open upstream stream. ``limits`` is read from the response headers when asked.
 
     Iterating yields Deltas; an error after the first byte raises UpstreamFailure.
     After the iteration ends, ``usage``, ``model`` and ``finish_reason`` hold the summary.
     """
 
-    limits: RateLimitReport
+    @property
+    def limits(self) -> RateLimitReport: ...
+
     usage: dict[str, int]
     model: str
     finish_reason: str | None

@@ -8,7 +8,7 @@ errors are translated in ``routerd.upstream.common``; callers only ever see Upst
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,7 +18,15 @@ from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, transport_failure
 from routerd.core.limits import openai_limits
 from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
-from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
+from routerd.upstream.common import (
+    Answer,
+    LimitsOnAsking,
+    Streamed,
+    endpoint,
+    open_stream,
+    post,
+    sse_events,
+)
 from routerd.upstream.session import UpstreamSession
 from routerd.upstream.wire import Endpoint
 
@@ -88,7 +96,7 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
     return counts
 
 
-class OpenAIStream:
+class OpenAIStream(LimitsOnAsking):
     """An open chat-completions stream. Iterate it once for Deltas.
 
     ``limits`` is known on entry; ``usage``, ``model`` and ``finish_reason`` are complete
@@ -101,13 +109,14 @@ class OpenAIStream:
         "_iterated",
         "_response",
         "finish_reason",
-        "limits",
         "model",
         "usage",
     )
 
-    def __init__(self, response: Streamed, call: Call, limits: RateLimitReport) -> None:
-        self.limits = limits
+    def __init__(
+        self, response: Streamed, call: Call, read_limits: Callable[[], RateLimitReport]
+    ) -> None:
+        super().__init__(read_limits)
         self.usage: dict[str, int] = {}
         self.model = call.model
         self.finish_reason: str | None = None
@@ -284,8 +293,9 @@ class OpenAIAdapter:
             )
 
         async with open_stream(self._http, call, url, content, headers, failed) as response:
-            limits = openai_limits(response.headers, requests_per_day=per_day)
-            yield OpenAIStream(response, call, limits)
+            yield OpenAIStream(
+                response, call, lambda: openai_limits(response.headers, requests_per_day=per_day)
+            )
 
 
 def _completion_of(reply: _Reply, call: Call, limits: RateLimitReport) -> Completion:
