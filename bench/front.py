@@ -58,6 +58,7 @@ from typing import Any, cast
 import aiohttp
 import httpx2
 import openai
+from fixtures import chunk_event, completion, content_events, one_route_toml
 from routerd_client import AsyncClient
 
 from routerd.launch import DaemonProcess
@@ -102,60 +103,14 @@ def serve_responder(chunks: int) -> None:
         "openai-processing-ms": "1",
     }
     usage = {"prompt_tokens": 18, "completion_tokens": chunks, "total_tokens": 18 + chunks}
-    completion = json.dumps(
-        {
-            "id": "chatcmpl-front",
-            "object": "chat.completion",
-            "created": created,
-            "model": MODEL,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Paris."},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": usage,
-        }
-    ).encode()
-
-    def chunk(delta: dict[str, str], finish: str | None) -> bytes:
-        body = {
-            "id": "chatcmpl-front",
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": MODEL,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(body).encode() + b"\n\n"
-
-    stream_chunks = [
-        chunk(
-            {"role": "assistant", "content": f"w{i} "} if i == 0 else {"content": f"w{i} "},
-            "stop" if i == chunks - 1 else None,
-        )
-        for i in range(chunks)
-    ]
-    usage_chunk = (
-        b"data: "
-        + json.dumps(
-            {
-                "id": "chatcmpl-front",
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": MODEL,
-                "choices": [],
-                "usage": usage,
-            }
-        ).encode()
-        + b"\n\n"
-    )
+    reply = completion(MODEL, created, usage)
+    stream_chunks = content_events(MODEL, created, chunks)
+    usage_chunk = chunk_event(MODEL, created, [], usage=usage)
 
     async def chat(request: web.Request) -> web.StreamResponse:
         body = json.loads(await request.read())
         if not body.get("stream"):
-            return web.Response(body=completion, headers=headers, content_type="application/json")
+            return web.Response(body=reply, headers=headers, content_type="application/json")
         response = web.StreamResponse(
             headers={**headers, "content-type": "text/event-stream", "cache-control": "no-cache"}
         )
@@ -405,21 +360,16 @@ def start_routerd(
     at ``log_level`` (routerd's default, ``info``, writes a line per request)."""
     config = workdir / "routerd.toml"
     config.write_text(
-        f"""
-[server]
-state_file = "{workdir / "state.msgpack"}"
-log_level = "{log_level}"
-http_listen = "127.0.0.1:{http_port}"
-http_token_env = "FRONT_HTTP_TOKEN"
-
-[providers.resp]
-kind = "openai-compatible"
-base_url = "{upstream}"
-credentials = [{{ label = "bench", key_env = "FRONT_BENCH_KEY" }}]
-
-[routes.{ROUTE}]
-chain = ["resp/{MODEL}"]
-"""
+        one_route_toml(
+            state_dir=workdir,
+            log_level=log_level,
+            http_port=http_port,
+            token_env="FRONT_HTTP_TOKEN",
+            base_url=upstream,
+            key_envs={"bench": "FRONT_BENCH_KEY"},
+            route=ROUTE,
+            model=MODEL,
+        )
     )
     return DaemonProcess(
         config,

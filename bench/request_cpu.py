@@ -41,6 +41,7 @@ from pathlib import Path
 
 import anyio
 import httptools
+from fixtures import completion, content_events, one_route_toml
 from routerd_client import AsyncClient
 
 import routerd
@@ -71,41 +72,13 @@ PATHS = ("direct", "msgpack", "HTTP front", "direct stream", "msgpack stream", "
 
 
 def _reply() -> bytes:
-    body = json.dumps(
-        {
-            "id": "chatcmpl-bench",
-            "object": "chat.completion",
-            "created": 1,
-            "model": MODEL,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": "Paris."},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": {"prompt_tokens": 18, "completion_tokens": 2, "total_tokens": 20},
-        }
-    ).encode()
-    head = HEADERS % b"application/json" + b"content-length: %d\r\n\r\n" % len(body)
-    return head + body
+    usage = {"prompt_tokens": 18, "completion_tokens": 2, "total_tokens": 20}
+    body = completion(MODEL, 1, usage)
+    return HEADERS % b"application/json" + b"content-length: %d\r\n\r\n" % len(body) + body
 
 
 def _stream() -> bytes:
-    def event(n: int) -> bytes:
-        delta = {"role": "assistant", "content": f"w{n} "} if n == 0 else {"content": f"w{n} "}
-        finish = "stop" if n == CHUNKS - 1 else None
-        chunk = {
-            "id": "chatcmpl-bench",
-            "object": "chat.completion.chunk",
-            "created": 1,
-            "model": MODEL,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(chunk).encode() + b"\n\n"
-
-    events = [event(n) for n in range(CHUNKS)] + [b"data: [DONE]\n\n"]
+    events = [*content_events(MODEL, 1, CHUNKS), b"data: [DONE]\n\n"]
     head = HEADERS % b"text/event-stream" + b"transfer-encoding: chunked\r\n\r\n"
     return head + b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
 
@@ -182,23 +155,17 @@ def free_port() -> int:
 
 def daemon(work: Path, responder_port: int, http_port: int, keys: int, level: str) -> Daemon:
     """The real daemon: one route to the responder over ``keys`` keys, both fronts."""
-    labels = ", ".join(f'{{ label = "k{n}", key_env = "BENCH_KEY_{n}" }}' for n in range(keys))
     config = parse_config(
-        f"""
-[server]
-state_file = "{work / "state.msgpack"}"
-log_level = "{level}"
-http_listen = "127.0.0.1:{http_port}"
-http_token_env = "BENCH_TOKEN"
-
-[providers.resp]
-kind = "openai-compatible"
-base_url = "http://127.0.0.1:{responder_port}/v1"
-credentials = [{labels}]
-
-[routes.{ROUTE}]
-chain = ["resp/{MODEL}"]
-"""
+        one_route_toml(
+            state_dir=work,
+            log_level=level,
+            http_port=http_port,
+            token_env="BENCH_TOKEN",
+            base_url=f"http://127.0.0.1:{responder_port}/v1",
+            key_envs={f"k{n}": f"BENCH_KEY_{n}" for n in range(keys)},
+            route=ROUTE,
+            model=MODEL,
+        )
     )
     environ = {f"BENCH_KEY_{n}": f"sk-bench-{n:04d}-0123456789abcdef" for n in range(keys)}
     secrets = resolve_secrets(config, environ=environ)

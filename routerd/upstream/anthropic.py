@@ -26,15 +26,8 @@ from routerd.translate import (
     anthropic_to_completion,
     openai_to_anthropic,
 )
-from routerd.upstream.common import (
-    Answer,
-    LimitsOnAsking,
-    Streamed,
-    endpoint,
-    open_stream,
-    post,
-    sse_events,
-)
+from routerd.upstream.base import LimitsOnAsking
+from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
 from routerd.upstream.session import UpstreamSession
 from routerd.upstream.wire import Endpoint
 
@@ -55,7 +48,8 @@ def _messages_url(base_url: str) -> Endpoint | str:
 class AnthropicStream(LimitsOnAsking):
     """An open Messages stream. Iterate it once for OpenAI-style Deltas.
 
-    ``limits`` is known on entry; ``usage``, ``model`` and ``finish_reason`` are complete
+    ``limits`` is read from the headers when first asked for (by the settle, after the
+    stream); ``usage``, ``model`` and ``finish_reason`` are complete
     once iteration ends. An ``error`` event, a cut before ``message_stop`` and timeouts raise
     UpstreamFailure.
     """

@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from routerd.core.calls import Call, Completion, Delta
 from routerd.core.outcome import RateLimitReport
+
+
+class LimitsOnAsking:
+    """A stream's ``limits``, read from its response headers the first time they are asked
+    for: the settle after the stream asks, so the first chunk does not wait for them."""
+
+    __slots__ = ("_limits", "_read_limits")
+
+    def __init__(self, read_limits: Callable[[], RateLimitReport]) -> None:
+        self._read_limits = read_limits
+        self._limits: RateLimitReport | None = None
+
+    @property
+    def limits(self) -> RateLimitReport:
+        if self._limits is None:
+            self._limits = self._read_limits()
+        return self._limits
 
 
 class Stream(Protocol):

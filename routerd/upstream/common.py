@@ -10,7 +10,7 @@ from functools import lru_cache
 
 from routerd.core.calls import Call
 from routerd.core.classify import transport_failure
-from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
+from routerd.core.outcome import Failure, UpstreamFailure
 from routerd.upstream.session import Response, UpstreamSession
 from routerd.upstream.sse import LineSplitter, SSEDecoder
 from routerd.upstream.wire import (
@@ -66,23 +66,6 @@ class Answer:
     @property
     def is_success(self) -> bool:
         return 200 <= self.status < 300
-
-
-class LimitsOnAsking:
-    """A stream's ``limits``, read from its response headers the first time they are asked
-    for: the settle after the stream asks, so the first chunk does not wait for them."""
-
-    __slots__ = ("_limits", "_read_limits")
-
-    def __init__(self, read_limits: Callable[[], RateLimitReport]) -> None:
-        self._read_limits = read_limits
-        self._limits: RateLimitReport | None = None
-
-    @property
-    def limits(self) -> RateLimitReport:
-        if self._limits is None:
-            self._limits = self._read_limits()
-        return self._limits
 
 
 class Streamed:

@@ -18,15 +18,8 @@ from routerd.core.calls import Call, Completion, Delta
 from routerd.core.classify import classify, transport_failure
 from routerd.core.limits import openai_limits
 from routerd.core.outcome import Failure, RateLimitReport, UpstreamFailure
-from routerd.upstream.common import (
-    Answer,
-    LimitsOnAsking,
-    Streamed,
-    endpoint,
-    open_stream,
-    post,
-    sse_events,
-)
+from routerd.upstream.base import LimitsOnAsking
+from routerd.upstream.common import Answer, Streamed, endpoint, open_stream, post, sse_events
 from routerd.upstream.session import UpstreamSession
 from routerd.upstream.wire import Endpoint
 
@@ -99,7 +92,8 @@ def _usage(usage: dict[str, Any] | None) -> dict[str, int]:
 class OpenAIStream(LimitsOnAsking):
     """An open chat-completions stream. Iterate it once for Deltas.
 
-    ``limits`` is known on entry; ``usage``, ``model`` and ``finish_reason`` are complete
+    ``limits`` is read from the headers when first asked for (by the settle, after the
+    stream); ``usage``, ``model`` and ``finish_reason`` are complete
     once iteration ends. Mid-stream errors, cuts and timeouts raise UpstreamFailure.
     """
 
