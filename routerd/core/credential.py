@@ -202,8 +202,8 @@ class CredentialState:
 
         Unknown windows count as full, so a fresh key is preferred over a draining one.
         """
-        # window.fraction's clamp, inlined: every key of a pool ordered by headroom asks
-        # this on each pick.
+        # Each window's share left (unknown: none) read here in one pass: every key of a
+        # pool ordered by headroom is asked on each pick.
         share = 1.0
         for window in (self.requests, self.tokens):
             limit = window.limit

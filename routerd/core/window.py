@@ -262,10 +262,3 @@ class LearnedWindow:
         self.reset_at = max(self.reset_at, reset_at) if now < self.reset_at else reset_at
         self.guessed = False
         return True
-
-    def fraction(self, now: float) -> float | None:
-        """Remaining share of the window, 0..1, None when unknown."""
-        left = self.left(now)
-        if left is None or not self.limit:
-            return None
-        return max(0.0, min(1.0, left / self.limit))
