@@ -395,3 +395,84 @@ async def test_shutdown_closes_idle_connections_and_waits_for_running_requests()
     for client in (idle, slow, stuck):
         await client.stream.aclose()
     assert not site.tasks and not site.connections
+
+
+class RecordingTransport:
+    """What a connection writes, one entry per write, on no socket at all."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "written after close"
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(piece), piece) for piece in pieces)
+
+
+@pytest.mark.parametrize("waits", [True, False], ids=["turn-ends-between", "final-at-once"])
+async def test_a_streams_chunks_sent_in_one_loop_turn_leave_in_one_write(waits: bool) -> None:
+    """The first bytes go at once; chunks sent back to back are held to the end of the loop
+    turn and written together; the last write takes what is still held, in order."""
+    release = anyio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        for piece in (b"a", b"b", b"c", b"d"):
+            await send({"type": "http.response.body", "body": piece, "more_body": True})
+        if waits:
+            await release.wait()
+        await send({"type": "http.response.body", "body": b"e", "more_body": False})
+
+    site = Site(app, Gate("tcp", 100), head_timeout_s=5, keepalive_s=5)
+    transport = RecordingTransport()
+    connection = site.protocol()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(request("GET", "/"))
+    if waits:
+        await wait_until(lambda: len(transport.writes) == 2)
+        release.set()
+    await wait_until(lambda: not site.tasks)
+    head, first = transport.writes[0].split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and first == chunked(b"a")
+    rest = [chunked(b"b", b"c", b"d"), chunked(b"e") + b"0\r\n\r\n"]
+    assert transport.writes[1:] == (rest if waits else [b"".join(rest)])
+    connection.close()
+    assert transport.closed
+    connection.connection_lost(None)
+
+
+async def test_what_a_connection_holds_is_written_before_it_closes() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"a", "more_body": True})
+        await send({"type": "http.response.body", "body": b"b", "more_body": True})
+        raise RuntimeError("the app fails mid-response")
+
+    site = Site(app, Gate("tcp", 100), head_timeout_s=5, keepalive_s=5)
+    transport = RecordingTransport()
+    connection = site.protocol()
+    connection.connection_made(transport)  # type: ignore[arg-type]
+    connection.data_received(request("GET", "/"))
+    await wait_until(lambda: transport.closed)
+    assert transport.writes[1:] == [chunked(b"b")]
+    await wait_until(lambda: not site.tasks)
+    connection.connection_lost(None)

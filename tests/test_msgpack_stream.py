@@ -15,6 +15,7 @@ from anyio.abc import SocketAttribute
 
 from routerd.fronts.msgpack.stream import INBOX_HIGH, TransportStream, UnixListener, bind_unix
 from routerd.fronts.peers import peer_of
+from tests.loopback import wait_until
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
 
 
@@ -161,3 +162,59 @@ async def test_the_listener_binds_with_its_mode_and_knows_the_peer(tmp_path: Pat
             assert await client.receive() == b"there"
             await stream.aclose()
     await listener.aclose()
+
+
+class RecordedWrites:
+    """The stream's transport, every write it is given recorded."""
+
+    def __init__(self, transport: object) -> None:
+        self._transport = transport
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+        self._transport.write(data)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._transport, name)
+
+
+def received_all(sock: socket.socket) -> bytes:
+    """What has reached the client's socket so far (it is blocking: read with a timeout)."""
+    sock.settimeout(0.2)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+async def test_held_frames_leave_together_at_the_turns_end_and_before_anything_else(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, accepted = pair
+    stream = await TransportStream.attach(accepted)
+    recorded = RecordedWrites(stream._transport)
+    stream._transport = recorded  # type: ignore[assignment]
+
+    assert stream.hold(b"a") and stream.hold(b"b") and stream.hold(b"c")
+    assert recorded.writes == []  # nothing yet: the loop has not turned
+    await wait_until(lambda: bool(recorded.writes))
+    assert recorded.writes == [b"abc"]
+
+    assert stream.hold(b"d")
+    await stream.send(b"e")  # a frame sent at once takes what is held with it, first
+    assert recorded.writes[1:] == [b"de"]
+    await anyio.sleep(0.01)
+    assert len(recorded.writes) == 2  # the turn's end found nothing left to write
+
+    stream._inbox.paused_writing = True  # a client that stopped reading: send() must wait
+    assert not stream.hold(b"x")
+    stream._inbox.paused_writing = False
+
+    assert stream.hold(b"f")
+    await stream.aclose()  # what is held is written before the connection closes
+    assert recorded.writes[2:] == [b"f"]
+    assert received_all(client) == b"abcdef"

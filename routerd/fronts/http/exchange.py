@@ -43,6 +43,18 @@ def status_line(status: int) -> bytes:
     return line if line is not None else b"HTTP/1.1 %d \r\n" % status
 
 
+def plain_response(status: int, message: bytes, *extra: bytes) -> bytes:
+    """A whole response, sent when no request is there to answer; the connection closes."""
+    head = [
+        status_line(status).rstrip(b"\r\n"),
+        b"content-type: text/plain; charset=utf-8",
+        b"content-length: %d" % len(message),
+        b"connection: close",
+        *extra,
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + message
+
+
 class Exchange:
     """One request's body on its way in and its response on its way out."""
 
@@ -213,9 +225,10 @@ class Exchange:
             if self._remaining < 0 or (not more and self._remaining):
                 raise RuntimeError("the response body does not match its Content-Length")
         head, self._head = self._head, None
-        data = head + body if head is not None else body
-        if data:
-            self._connection.write(data)
+        if head is not None:
+            self._connection.write(head + body)  # the first bytes go at once
+        elif body:
+            self._connection.write(body, soon=more)
         if not more:
             self.complete = True
             self.chunks.clear()  # a body the response did not wait for is dropped

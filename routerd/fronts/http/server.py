@@ -26,7 +26,7 @@ import structlog
 
 from routerd.fronts.http.asgi import Receive, Scope, Send
 from routerd.fronts.http.connections import CLIENT_KEY, Gate, Hangup
-from routerd.fronts.http.exchange import Exchange, status_line
+from routerd.fronts.http.exchange import Exchange, plain_response
 from routerd.fronts.peers import PeerPolicy, peer_of
 from routerd.fronts.tasks import RequestTasks
 
@@ -41,26 +41,16 @@ _ASGI = {"version": "3.0", "spec_version": "2.3"}
 App = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-def _plain(status: int, message: bytes, *extra: bytes) -> bytes:
-    """A whole response, sent when no request is there to answer; the connection closes."""
-    head = [
-        status_line(status).rstrip(b"\r\n"),
-        b"content-type: text/plain; charset=utf-8",
-        b"content-length: %d" % len(message),
-        b"connection: close",
-        *extra,
-    ]
-    return b"\r\n".join(head) + b"\r\n\r\n" + message
-
-
-_REFUSED = _plain(
+_REFUSED = plain_response(
     503,
     b"routerd has server.max_connections connections open on this socket; retry shortly\n",
     b"retry-after: 1",
 )
-_HEAD_TIMEOUT = _plain(408, b"the request head did not arrive whole within server.read_timeout_s\n")
-_MALFORMED = _plain(400, b"malformed HTTP request\n")
-_HEAD_TOO_LARGE = _plain(431, b"the request line and headers exceed 64 KiB\n")
+_HEAD_TIMEOUT = plain_response(
+    408, b"the request head did not arrive whole within server.read_timeout_s\n"
+)
+_MALFORMED = plain_response(400, b"malformed HTTP request\n")
+_HEAD_TOO_LARGE = plain_response(431, b"the request line and headers exceed 64 KiB\n")
 
 
 class _HeadTooLarge(Exception):
@@ -138,6 +128,7 @@ class HttpConnection(asyncio.Protocol):
         "_head_begun",
         "_head_size",
         "_headers",
+        "_held",
         "_idle_timer",
         "_loop",
         "_parser",
@@ -161,6 +152,7 @@ class HttpConnection(asyncio.Protocol):
         self.admitted = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._held: list[bytes] | None = None  # written soon: at the end of this loop turn
         self._paused = False
         self._client: tuple[str | None, tuple[str, int] | None] = (None, None)
         self._reading: Exchange | None = None  # the request being parsed
@@ -258,13 +250,33 @@ class HttpConnection(asyncio.Protocol):
             self._drain = self._loop.create_future()
         await self._drain
 
-    def write(self, data: bytes) -> None:
-        if not self.closing:
+    def write(self, data: bytes, *, soon: bool = False) -> None:
+        """Into the transport now, after anything held; with ``soon``, held until the loop's
+        next turn with whatever else comes by then, so that a stream's chunks which arrived
+        together leave in one write (one system call, one read for the client)."""
+        if self.closing:
+            return
+        held = self._held
+        if held is not None:
+            held.append(data)
+            if not soon:
+                self._flush()
+        elif soon:
+            self._held = [data]
+            self._loop.call_soon(self._flush)
+        else:
             assert self.transport is not None
             self.transport.write(data)
 
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self.closing:
+            assert self.transport is not None
+            self.transport.write(b"".join(held))
+
     def close(self) -> None:
         if not self.closing:
+            self._flush()
             assert self.transport is not None
             self.transport.close()
 

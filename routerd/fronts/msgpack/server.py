@@ -44,6 +44,7 @@ from routerd.fronts.msgpack.accept import Handler, serve_listener
 from routerd.fronts.msgpack.framing import FrameReader, FrameStalled
 from routerd.fronts.msgpack.guard import MAX_DEPTH, check_chat, check_messages, peek_id
 from routerd.fronts.msgpack.replies import error_message, result_message
+from routerd.fronts.msgpack.stream import TransportStream
 from routerd.fronts.peers import Peer, PeerPolicy, peer_of
 from routerd.fronts.tasks import RequestTasks
 
@@ -202,18 +203,21 @@ class Connection:
         # see _run_chat).
         self._chats = RequestTasks(self._chat_crashed)
 
-    async def send(self, message: DaemonMessage) -> None:
+    async def send(self, message: DaemonMessage, *, soon: bool = False) -> None:
         """Write one frame; a client that went away just ends the writer.
 
         A message that cannot be encoded becomes an ``internal`` Error for its request, so
-        one bad reply never costs the connection. The frame goes into the transport at once,
-        in order with every other; only a client that stops reading makes the writer wait.
+        one bad reply never costs the connection. The frame goes into the transport at once
+        (with ``soon``: at the end of the loop turn, see ``TransportStream.hold``), in order
+        with every other; only a client that stops reading makes the writer wait.
         """
         if self._closed:
             return
         frame = _encode(message)
         if frame is None:
             frame = self._unencodable(message)
+        elif soon and isinstance(self.stream, TransportStream) and self.stream.hold(frame):
+            return
         try:
             await self.stream.send(frame)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
@@ -387,11 +391,13 @@ class Connection:
         request_id = chat.id
         on_delta = None
         if chat.stream:
+            first = True
 
             async def on_delta(delta: Delta) -> None:
-                await self.send(
-                    Chunk(request_id, delta.text, delta.tool_calls, delta.finish_reason)
-                )
+                nonlocal first
+                chunk = Chunk(request_id, delta.text, delta.tool_calls, delta.finish_reason)
+                await self.send(chunk, soon=not first)  # the first chunk goes at once
+                first = False
 
         try:
             with scope:

@@ -13,6 +13,8 @@ client that sends faster than its frames are taken (or a frame waiting for the b
 budget) holds at most that much here, plus one read, and the rest waits in the kernel.
 Writing goes into the transport at once (no trip through the event loop) and waits only
 while the transport's buffer is over its high-water mark, for a client that does not read.
+A stream's chunks may instead be held to the end of the loop turn (``hold``), so that the
+chunks one upstream read brought leave in one write.
 """
 
 from __future__ import annotations
@@ -145,6 +147,7 @@ class TransportStream(SocketStream):
         self._transport = transport
         self._inbox = inbox
         self._closing = False
+        self._held: list[bytes] | None = None
 
     @classmethod
     async def attach(cls, sock: socket.socket) -> TransportStream:
@@ -171,24 +174,46 @@ class TransportStream(SocketStream):
             await inbox.arrival()
         return inbox.take(max_bytes)
 
+    def hold(self, item: bytes) -> bool:
+        """Write ``item`` at the end of this loop turn, in one write with whatever else comes
+        by then; False, and nothing held, when the transport takes no writes now (``send``
+        then waits or fails)."""
+        inbox = self._inbox
+        if self._closing or inbox.closed or inbox.paused_writing or self._transport.is_closing():
+            return False
+        if self._held is None:
+            self._held = [item]
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._held.append(item)
+        return True
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(b"".join(held))
+
     async def send(self, item: bytes) -> None:
         inbox = self._inbox
         if self._closing:
             raise anyio.ClosedResourceError
         if inbox.closed or self._transport.is_closing():
             raise anyio.BrokenResourceError
-        self._transport.write(item)
+        held, self._held = self._held, None
+        self._transport.write(item if held is None else b"".join([*held, item]))
         while inbox.paused_writing and not inbox.closed:
             await inbox.drained()
         if inbox.closed:
             raise anyio.BrokenResourceError
 
     async def send_eof(self) -> None:
+        self._flush()
         if not self._transport.is_closing() and self._transport.can_write_eof():
             self._transport.write_eof()
 
     async def aclose(self) -> None:
         self._closing = True
+        self._flush()
         self._transport.close()
         await anyio.lowlevel.checkpoint()
 
