@@ -18,8 +18,9 @@ machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 
   throughput divided by LiteLLM's;
 - streaming: time to the first chunk at concurrency 1 (p50, added to direct) and chunks
   relayed per second with 100 streams at once.
-- CPU per request in the throughput runs, per process; and at concurrency 1, where a
-  request's time goes: each process's time on a core and in the run queue (schedstat);
+- CPU per request in the throughput runs, and per stream (and per chunk) in the
+  many-streams runs, per process; and at concurrency 1, where a request's time goes: each
+  process's time on a core and in the run queue (schedstat);
 - throughput at concurrency 16 and 64 once more with the OpenAI SDK (``AsyncOpenAI``) as
   the client of every OpenAI-shaped path: the client agents send with, which costs some
   ten times the aiohttp client's CPU per request.
@@ -569,6 +570,8 @@ class Figures:
     stream_chunks: int = 0
     stream_seconds: float = 0.0
     streams: int = 0
+    # CPU seconds each process spent during the many-streams runs.
+    stream_cpu: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     sample_error: str = ""
     # CPU seconds each process spent during the throughput runs, and the requests served.
@@ -698,12 +701,18 @@ async def first_chunk(streams: dict[str, Stream], total: int, figures: dict[str,
     await in_turns(streams, total, figures, record)
 
 
-async def relay(stream: Stream, total: int, concurrency: int, figures: Figures) -> None:
-    """Content chunks received per second with ``concurrency`` streams at once."""
+async def relay(
+    stream: Stream, total: int, concurrency: int, figures: Figures, roots: dict[str, int]
+) -> None:
+    """Content chunks received per second with ``concurrency`` streams at once, and the CPU
+    time each process spent on them."""
     await run_many(stream, concurrency, concurrency, Figures())
+    cpu_before = cpu_snapshot(roots)
     started = time.perf_counter()
     served, results = await run_many(stream, total, concurrency, figures)
     figures.stream_seconds += time.perf_counter() - started
+    for name, used in cpu_snapshot(roots).items():
+        figures.stream_cpu[name] = figures.stream_cpu.get(name, 0.0) + used - cpu_before[name]
     figures.stream_chunks += sum(chunks for _, chunks in results)
     figures.streams += served
 
@@ -804,7 +813,9 @@ async def measure(
                     call, stream = paths[name]
                     for concurrency in plan.concurrencies:
                         await throughput(call, per_round, concurrency, figures[name], roots)
-                    await relay(stream, streams_per_round, plan.stream_concurrency, figures[name])
+                    await relay(
+                        stream, streams_per_round, plan.stream_concurrency, figures[name], roots
+                    )
                 for name in rotated(list(sdk_paths), r):
                     for concurrency in plan.concurrencies:
                         await throughput(
@@ -946,6 +957,7 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
         "what a path can serve"
     )
     print_table(["path", *processes, "total", "bound req/s", "req/s"], cpu_rows)
+    report_stream_cpu(figures, plan)
     report_c1_time(figures)
     report_sdk(sdk, plan)
 
@@ -955,6 +967,29 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
     for name, fig in failures:
         counts = ", ".join(f"{kind} x{n}" for kind, n in fig.errors.items())
         print(f"  {name}: {counts}; e.g. {fig.sample_error}")
+
+
+def report_stream_cpu(figures: dict[str, Figures], plan: Plan) -> None:
+    """CPU per stream of each process in the many-streams runs, and per content chunk."""
+    processes = list(figures[DIRECT].stream_cpu)
+    rows = []
+    for name, fig in figures.items():
+        streams, chunks = max(1, fig.streams), max(1, fig.stream_chunks)
+        per_stream = [1000 * fig.stream_cpu.get(p, 0.0) / streams for p in processes]
+        total = sum(fig.stream_cpu.values())
+        rows.append(
+            [
+                name,
+                *(f"{ms:.3f}" for ms in per_stream),
+                f"{sum(per_stream):.3f}",
+                f"{1e6 * total / chunks:.1f}",
+            ]
+        )
+    print(
+        f"\nCPU per stream with {plan.stream_concurrency} streams at once (ms; the benchmark "
+        "is the client, reading each chunk), and of all processes together per content chunk"
+    )
+    print_table(["path", *processes, "total", "us/chunk"], rows)
 
 
 def report_sdk(sdk: dict[str, Figures], plan: Plan) -> None:
