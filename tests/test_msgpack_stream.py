@@ -179,16 +179,21 @@ class RecordedWrites:
         return getattr(self._transport, name)
 
 
-def received_all(sock: socket.socket) -> bytes:
-    """What has reached the client's socket so far (it is blocking: read with a timeout)."""
-    sock.settimeout(0.2)
+async def received_until_eof(sock: socket.socket) -> bytes:
+    """What the client's socket receives until the end of stream (within 5 s), read without
+    blocking the loop that writes it."""
+    sock.setblocking(False)
     data = b""
-    try:
-        while chunk := sock.recv(65536):
+    with anyio.fail_after(5):
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except BlockingIOError:
+                await anyio.sleep(0.01)
+                continue
+            if not chunk:
+                return data
             data += chunk
-    except TimeoutError:
-        pass
-    return data
 
 
 async def test_held_frames_leave_together_at_the_turns_end_and_before_anything_else(
@@ -217,4 +222,15 @@ async def test_held_frames_leave_together_at_the_turns_end_and_before_anything_e
     assert stream.hold(b"f")
     await stream.aclose()  # what is held is written before the connection closes
     assert recorded.writes[2:] == [b"f"]
-    assert received_all(client) == b"abcdef"
+    assert await received_until_eof(client) == b"abcdef"
+
+
+async def test_what_is_held_is_written_before_the_end_of_stream(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    client, accepted = pair
+    stream = await TransportStream.attach(accepted)
+    assert stream.hold(b"last words")
+    await stream.send_eof()  # as linger_and_close ends a connection
+    assert await received_until_eof(client) == b"last words"
+    await stream.aclose()
