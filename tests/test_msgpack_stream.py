@@ -200,9 +200,9 @@ async def test_held_frames_leave_together_at_the_turns_end_and_before_anything_e
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     client, accepted = pair
-    stream = await TransportStream.attach(accepted)
-    recorded = RecordedWrites(stream._transport)
-    stream._transport = recorded  # type: ignore[assignment]
+    attached = await TransportStream.attach(accepted)
+    recorded = RecordedWrites(attached._transport)
+    stream = TransportStream(accepted, recorded, attached._inbox)  # type: ignore[arg-type]
 
     assert stream.hold(b"a") and stream.hold(b"b") and stream.hold(b"c")
     assert recorded.writes == []  # nothing yet: the loop has not turned

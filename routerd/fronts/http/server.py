@@ -24,6 +24,7 @@ import anyio
 import httptools
 import structlog
 
+from routerd.fronts.held import HeldWrites
 from routerd.fronts.http.asgi import Receive, Scope, Send
 from routerd.fronts.http.connections import CLIENT_KEY, Gate, Hangup
 from routerd.fronts.http.exchange import Exchange, plain_response
@@ -128,7 +129,6 @@ class HttpConnection(asyncio.Protocol):
         "_head_begun",
         "_head_size",
         "_headers",
-        "_held",
         "_idle_timer",
         "_loop",
         "_parser",
@@ -138,6 +138,7 @@ class HttpConnection(asyncio.Protocol):
         "_serving",
         "_timer",
         "_url",
+        "_writes",
         "admitted",
         "site",
         "transport",
@@ -152,7 +153,7 @@ class HttpConnection(asyncio.Protocol):
         self.admitted = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
-        self._held: list[bytes] | None = None  # written soon: at the end of this loop turn
+        self._writes: HeldWrites | None = None
         self._paused = False
         self._client: tuple[str | None, tuple[str, int] | None] = (None, None)
         self._reading: Exchange | None = None  # the request being parsed
@@ -172,6 +173,7 @@ class HttpConnection(asyncio.Protocol):
         """Refuse past the cap or a peer not allowed; else wait for a head, timed."""
         # uvloop's transports do not subclass asyncio's, but have its methods.
         self.transport = transport = cast(asyncio.Transport, transport)
+        self._writes = HeldWrites(transport)
         if not self.site.gate.enter():
             # Said before hanging up, so an SDK reads a 503 (which it retries with backoff)
             # rather than a reset; the descriptor is free again as soon as it is written.
@@ -251,33 +253,19 @@ class HttpConnection(asyncio.Protocol):
         await self._drain
 
     def write(self, data: bytes, *, soon: bool = False) -> None:
-        """Into the transport now, after anything held; with ``soon``, held until the loop's
-        next turn with whatever else comes by then, so that a stream's chunks which arrived
-        together leave in one write (one system call, one read for the client)."""
-        if self.closing:
-            return
-        held = self._held
-        if held is not None:
-            held.append(data)
-            if not soon:
-                self._flush()
-        elif soon:
-            self._held = [data]
-            self._loop.call_soon(self._flush)
-        else:
-            assert self.transport is not None
-            self.transport.write(data)
-
-    def _flush(self) -> None:
-        held, self._held = self._held, None
-        if held and not self.closing:
-            assert self.transport is not None
-            self.transport.write(b"".join(held))
+        """Into the transport now, after anything held; with ``soon``, held to the end of the
+        loop turn, so that a stream's chunks which arrived together leave in one write."""
+        if not self.closing:
+            assert self._writes is not None
+            if soon:
+                self._writes.hold(data)
+            else:
+                self._writes.write(data)
 
     def close(self) -> None:
         if not self.closing:
-            self._flush()
-            assert self.transport is not None
+            assert self.transport is not None and self._writes is not None
+            self._writes.flush()
             self.transport.close()
 
     def pause_reading(self) -> None:

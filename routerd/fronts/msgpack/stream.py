@@ -13,8 +13,8 @@ client that sends faster than its frames are taken (or a frame waiting for the b
 budget) holds at most that much here, plus one read, and the rest waits in the kernel.
 Writing goes into the transport at once (no trip through the event loop) and waits only
 while the transport's buffer is over its high-water mark, for a client that does not read.
-A stream's chunks may instead be held to the end of the loop turn (``hold``), so that the
-chunks one upstream read brought leave in one write.
+A stream's chunks may instead be held to the end of the loop turn (``hold``, see
+``HeldWrites``), so that the chunks one upstream read brought leave in one write.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import cast
 
 import anyio
 from anyio.abc import SocketListener, SocketStream
+
+from routerd.fronts.held import HeldWrites
 
 __all__ = ["TransportStream", "UnixListener", "bind_unix"]
 
@@ -147,7 +149,7 @@ class TransportStream(SocketStream):
         self._transport = transport
         self._inbox = inbox
         self._closing = False
-        self._held: list[bytes] | None = None
+        self._writes = HeldWrites(transport)
 
     @classmethod
     async def attach(cls, sock: socket.socket) -> TransportStream:
@@ -181,17 +183,8 @@ class TransportStream(SocketStream):
         inbox = self._inbox
         if self._closing or inbox.closed or inbox.paused_writing or self._transport.is_closing():
             return False
-        if self._held is None:
-            self._held = [item]
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._held.append(item)
+        self._writes.hold(item)
         return True
-
-    def _flush(self) -> None:
-        held, self._held = self._held, None
-        if held and not self._transport.is_closing():
-            self._transport.write(b"".join(held))
 
     async def send(self, item: bytes) -> None:
         inbox = self._inbox
@@ -199,21 +192,20 @@ class TransportStream(SocketStream):
             raise anyio.ClosedResourceError
         if inbox.closed or self._transport.is_closing():
             raise anyio.BrokenResourceError
-        held, self._held = self._held, None
-        self._transport.write(item if held is None else b"".join([*held, item]))
+        self._writes.write(item)
         while inbox.paused_writing and not inbox.closed:
             await inbox.drained()
         if inbox.closed:
             raise anyio.BrokenResourceError
 
     async def send_eof(self) -> None:
-        self._flush()
+        self._writes.flush()
         if not self._transport.is_closing() and self._transport.can_write_eof():
             self._transport.write_eof()
 
     async def aclose(self) -> None:
         self._closing = True
-        self._flush()
+        self._writes.flush()
         self._transport.close()
         await anyio.lowlevel.checkpoint()
 
