@@ -49,9 +49,8 @@ class AnthropicStream(LimitsOnAsking):
     """An open Messages stream. Iterate it once for OpenAI-style Deltas.
 
     ``limits`` is read from the headers when first asked for (by the settle, after the
-    stream); ``usage``, ``model`` and ``finish_reason`` are complete
-    once iteration ends. An ``error`` event, a cut before ``message_stop`` and timeouts raise
-    UpstreamFailure.
+    stream); ``usage``, ``model`` and ``finish_reason`` are complete once iteration ends.
+    An ``error`` event, a cut before ``message_stop`` and timeouts raise UpstreamFailure.
     """
 
     __slots__ = (

@@ -93,8 +93,8 @@ class OpenAIStream(LimitsOnAsking):
     """An open chat-completions stream. Iterate it once for Deltas.
 
     ``limits`` is read from the headers when first asked for (by the settle, after the
-    stream); ``usage``, ``model`` and ``finish_reason`` are complete
-    once iteration ends. Mid-stream errors, cuts and timeouts raise UpstreamFailure.
+    stream); ``usage``, ``model`` and ``finish_reason`` are complete once iteration ends.
+    Mid-stream errors, cuts and timeouts raise UpstreamFailure.
     """
 
     __slots__ = (
