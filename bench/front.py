@@ -283,6 +283,12 @@ def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
 Sched = dict[str, tuple[int, int]]
 
 
+def add_cpu_since(before: dict[str, float], roots: dict[str, int], into: dict[str, float]) -> None:
+    """Add to ``into`` the CPU seconds each process spent since the ``before`` snapshot."""
+    for name, used in cpu_snapshot(roots).items():
+        into[name] = into.get(name, 0.0) + used - before[name]
+
+
 def sched_ns(pid: int) -> tuple[int, int]:
     """Nanoseconds a process's threads spent on a core, and runnable but waiting for one
     (Linux schedstat); (0, 0) where the kernel does not tell."""
@@ -685,8 +691,7 @@ async def throughput(
     started = time.perf_counter()
     served, _ = await run_many(call, total, concurrency, figures)
     seconds = time.perf_counter() - started
-    for name, used in cpu_snapshot(roots).items():
-        figures.cpu[name] = figures.cpu.get(name, 0.0) + used - cpu_before[name]
+    add_cpu_since(cpu_before, roots, figures.cpu)
     figures.cpu_requests += served
     before = figures.throughput.get(concurrency, (0, 0.0))
     figures.throughput[concurrency] = (before[0] + served, before[1] + seconds)
@@ -711,8 +716,7 @@ async def relay(
     started = time.perf_counter()
     served, results = await run_many(stream, total, concurrency, figures)
     figures.stream_seconds += time.perf_counter() - started
-    for name, used in cpu_snapshot(roots).items():
-        figures.stream_cpu[name] = figures.stream_cpu.get(name, 0.0) + used - cpu_before[name]
+    add_cpu_since(cpu_before, roots, figures.stream_cpu)
     figures.stream_chunks += sum(chunks for _, chunks in results)
     figures.streams += served
 
