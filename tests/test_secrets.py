@@ -12,6 +12,7 @@ import pytest
 from routerd.config.load import check_config, parse_config, summarize
 from routerd.config.problems import ConfigError, ConfigProblem
 from routerd.config.secrets import Secret, fingerprint, resolve_secrets
+from routerd.core.calls import Call
 from tests.test_config import BASE, CANARY, line_of, problems_of
 
 # --- secrets ------------------------------------------------------------------------------
@@ -166,6 +167,21 @@ def test_secret_repr_and_str_show_the_fingerprint_not_the_key() -> None:
         assert CANARY[3:20] not in text
     assert fingerprint(CANARY) in repr(secret)
     assert str(secret) == f"openai/main ({fingerprint(CANARY)})"
+
+
+def test_call_repr_shows_the_call_not_its_key() -> None:
+    # The Call an adapter sends carries the key itself: a traceback's locals, a log of the
+    # call or an f-string of it must still never show it.
+    call = Call("http://127.0.0.1:9/v1", "gpt-x", CANARY, {"messages": []}, 30.0)
+    shown = [repr(call), str(call), f"{call}", repr([call]), repr({"c": call})]
+    for text in shown:
+        assert CANARY not in text
+        assert CANARY[3:20] not in text
+    assert repr(call) == (
+        "Call(base_url='http://127.0.0.1:9/v1', model='gpt-x', body={'messages': []}, "
+        "timeout=30.0, headers={}, connect_timeout=5.0)"
+    )
+    assert call.key == CANARY
 
 
 def test_canary_key_never_appears_in_any_problem(tmp_path: Path) -> None:

@@ -8,16 +8,17 @@ nothing of the adapters that use them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import msgspec
 
 from routerd.core.outcome import RateLimitReport
 
 __all__ = ["Attempt", "Call", "Completion", "Delta", "Reply"]
 
 
-@dataclass(frozen=True, slots=True)
-class Call:
+class Call(msgspec.Struct, frozen=True):
     """One attempt against one target with one credential.
 
     ``body`` is the client's request in OpenAI chat shape; the adapter sets the model itself.
@@ -27,11 +28,19 @@ class Call:
 
     base_url: str
     model: str
-    key: str = field(repr=False)
-    body: dict[str, Any] = field(default_factory=dict)
+    key: str
+    body: dict[str, Any] = msgspec.field(default_factory=dict)
     timeout: float = 120.0
-    headers: dict[str, str] = field(default_factory=dict)
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
     connect_timeout: float = 5.0
+
+    def __repr__(self) -> str:
+        # Everything but the key, which no repr, log line or traceback may show.
+        return (
+            f"Call(base_url={self.base_url!r}, model={self.model!r}, body={self.body!r}, "
+            f"timeout={self.timeout!r}, headers={self.headers!r}, "
+            f"connect_timeout={self.connect_timeout!r})"
+        )
 
     @property
     def connect_s(self) -> float:
@@ -51,8 +60,7 @@ class Completion:
     tool_calls: list[dict[str, Any]] | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Delta:
+class Delta(msgspec.Struct, frozen=True):
     """One streamed piece: text and/or OpenAI-style tool-call deltas."""
 
     text: str = ""
@@ -62,8 +70,7 @@ class Delta:
     model: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(msgspec.Struct, frozen=True):
     """One upstream attempt of a request: never a secret, only the credential's label.
 
     ``outcome`` is "ok" or the failure class; each front hands the trail to its client.

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import msgspec
+
 from routerd.core.outcome import Failure, FailureClass, RateLimitReport
 from routerd.core.window import LearnedWindow as LearnedWindow
 
@@ -38,8 +40,7 @@ class Health(enum.StrEnum):
     DISABLED = "disabled"
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(msgspec.Struct, frozen=True):
     """One request on a credential: its token estimate and what had been answered before it.
 
     ``long`` when the request uses the credential's long-context lane; ``sent_at`` when

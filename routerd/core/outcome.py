@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
 from typing import Any
+
+import msgspec
 
 
 class FailureClass(enum.StrEnum):
@@ -19,8 +20,7 @@ class FailureClass(enum.StrEnum):
     BAD_REQUEST = "bad_request"
 
 
-@dataclass(frozen=True, slots=True)
-class Window:
+class Window(msgspec.Struct, frozen=True):
     """One rate-limit window as a provider reported it; ``reset_s`` is seconds from the response.
 
     ``reset_step_s`` is the unit the reset was written in ("2025-08-21T12:40:59Z": a second;
@@ -34,8 +34,7 @@ class Window:
     reset_step_s: float = 0.001
 
 
-@dataclass(frozen=True, slots=True)
-class RateLimitReport:
+class RateLimitReport(msgspec.Struct, frozen=True):
     """The rate-limit headers of one response, provider-neutral.
 
     ``requests_per_day`` is set where the provider's request window is a day (Groq).
@@ -57,8 +56,7 @@ class RateLimitReport:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class Failure:
+class Failure(msgspec.Struct, frozen=True):
     """A classified upstream failure.
 
     ``retry_after`` is the provider's own hint in seconds (retry-after-ms, retry-after, a reset
@@ -73,7 +71,7 @@ class Failure:
     retry_after: float | None = None
     limits: RateLimitReport | None = None
     oversized: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = msgspec.field(default_factory=dict)
 
 
 class UpstreamFailure(Exception):

@@ -12,6 +12,8 @@ import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import msgspec
+
 from routerd.core.breaker import Breaker
 from routerd.core.credential import CredentialState, Health
 from routerd.core.outcome import FailureClass
@@ -55,8 +57,7 @@ class Target:
         return False, False
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(msgspec.Struct, frozen=True):
     """A (target, credential) pair to try; ``long`` when it uses the long-context lane."""
 
     target: Target

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import anyio
+import msgspec
 import structlog
 
 from routerd import __version__
@@ -91,8 +92,7 @@ class FrontState:
             scope.cancel()
 
 
-@dataclass(frozen=True, slots=True)
-class _Chat:
+class _Chat(msgspec.Struct, frozen=True):
     """One chat request in the dispatcher's terms, and how to answer it in its API's shape."""
 
     api: Api
@@ -111,8 +111,7 @@ class _Chat:
 _MODEL_PATHS = frozenset({"/v1/chat/completions", "/v1/messages", "/v1/responses"})
 
 
-@dataclass(frozen=True, slots=True)
-class _Request:
+class _Request(msgspec.Struct, frozen=True):
     method: str
     path: str
     headers: Headers
