@@ -45,7 +45,8 @@ from routerd.core.plan import Target
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.eventloop import freeze_startup_heap, ignore_late_signals, loop_name
-from routerd.fleet import FleetLink, connect_fleet
+from routerd.fleet.link import FleetLink
+from routerd.fleet.setup import connect_fleet
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.http import HttpFront, Metrics
 from routerd.fronts.http.responses_store import StoreFile
@@ -58,8 +59,6 @@ from routerd.status import build_report
 from routerd.upstream.session import Proxies, UpstreamSession
 
 log = structlog.get_logger("routerd.daemon")
-
-VERSION = __version__
 
 
 def default_state_path() -> Path:
@@ -315,7 +314,7 @@ class Daemon:
             request_id,
             self.dispatcher,
             self.clock(),
-            version=VERSION,
+            version=__version__,
             uptime_s=self.clock() - self.started,
             connections=self.connections,
             shared=self.fleet.shared if self.fleet is not None else None,
@@ -330,7 +329,7 @@ class Daemon:
                 max_frame=self.config.server.max_frame,
                 status=self.status,
                 draining=lambda: self.draining,
-                version=VERSION,
+                version=__version__,
                 budget=self.buffer_budget,
                 read_timeout_s=self.config.server.read_timeout_s,
                 peers=self.peers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from routerd_client.protocol import (
     AffinityStatus,
@@ -16,7 +17,9 @@ from routerd_client.protocol import (
 
 from routerd.dispatch.actor import CredentialActor
 from routerd.dispatch.dispatcher import Dispatcher
-from routerd.fleet.backend import SharedState
+
+if TYPE_CHECKING:  # the Redis client is imported only when [state] uses it
+    from routerd.fleet.backend import SharedState
 
 
 def _left(until: float, now: float) -> float | None:

@@ -18,8 +18,9 @@ from routerd_client.protocol import SharedStateStatus, StatusReport
 from routerd.config.schema import StateConfig
 from routerd.core.credential import Health
 from routerd.core.shared import FleetAsk, HealthFact
-from routerd.fleet import SharedState, SharedStateCollector
+from routerd.fleet.backend import SharedState
 from routerd.fleet.codec import Fact
+from routerd.fleet.setup import SharedStateCollector
 from routerd.redisproc import RedisProcess, server_binary
 from routerd.status import render
 

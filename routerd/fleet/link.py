@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -34,8 +35,10 @@ from routerd.core.shared import (
     window_facts,
 )
 from routerd.dispatch.actor import CredentialActor
-from routerd.fleet.backend import SharedState
 from routerd.fleet.codec import Fact
+
+if TYPE_CHECKING:  # the Redis client is imported only when [state] uses it
+    from routerd.fleet.backend import SharedState
 
 log = structlog.get_logger("routerd.shared_state")
 

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from routerd.config.schema import StateConfig
 from routerd.dispatch.dispatcher import Dispatcher
-from routerd.fleet.backend import SharedState
 from routerd.fleet.link import FleetLink
+
+if TYPE_CHECKING:
+    from routerd.fleet.backend import SharedState
 
 LEASE_GRACE_S = 5.0
 
@@ -30,6 +33,8 @@ def connect_fleet(
     """
     if config.backend != "redis":
         return None
+    from routerd.fleet.backend import SharedState  # the Redis client: imported only here
+
     link = FleetLink(
         dispatcher.actors, lambda: dispatcher.targets, on_change=on_change, clock=clock
     )
