@@ -32,7 +32,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from routerd_client import Client
 
 from routerd.core.calls import Delta, Reply
-from routerd.fronts.http import FrontError, anthropic_shape
+from routerd.fronts.http import FrontError, anthropic_shape, openai_shape
 from routerd.fronts.http.connections import Hangup
 from routerd.fronts.http.serve import bind_tcp
 from routerd.launch import DaemonProcess, DaemonStartError
@@ -642,3 +642,40 @@ def test_deltas_become_anthropics_exact_event_sequence() -> None:
     assert events[-2]["usage"] == {"input_tokens": 10, "output_tokens": 5}
     # routerd's account of the reply rides along as an SSE comment, which SDKs skip.
     assert b": routerd provider=mock target=mock/m1 credential=main attempts=0" in stream
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_deltas_become_openais_exact_chunks(include_usage: bool) -> None:
+    encoder = openai_shape.ChunkEncoder("main", include_usage=include_usage)
+    call = {"index": 0, "id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    text = 'say "hi"\n\u00e9\u2028\\ \U0001f600'
+    pieces = [
+        encoder.delta(Delta(text=text)),
+        encoder.delta(Delta(text="x", model="gpt-4o-2024-08-06")),  # the upstream's model
+        encoder.delta(Delta(tool_calls=[call])),
+        encoder.delta(Delta(text="y", tool_calls=[call])),
+    ]
+    assert encoder.delta(Delta(finish_reason="stop")) == b""  # the finish goes in closing()
+    assert all(p.startswith(b"data: ") and p.endswith(b"\n\n") for p in pieces)
+    chunks = [json.loads(p[len(b"data: ") :]) for p in pieces]
+    usage = {"usage": None} if include_usage else {}
+    head = {"id": encoder.id, "object": "chat.completion.chunk", "created": encoder.created}
+    deltas = [
+        {"content": text},
+        {"content": "x"},
+        {"tool_calls": [call]},
+        {"content": "y", "tool_calls": [call]},
+    ]
+    models = ["main", "gpt-4o-2024-08-06", "gpt-4o-2024-08-06", "gpt-4o-2024-08-06"]
+    assert chunks == [
+        {
+            **head,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}],
+            **usage,
+        }
+        for model, delta in zip(models, deltas, strict=True)
+    ]
+    assert list(chunks[0]) == [*head, "model", "system_fingerprint", "choices", *usage]
+    assert encoder.id.startswith("chatcmpl-")

@@ -19,6 +19,8 @@ from routerd.fronts.http.wire import ShapeError, encode, trailer, unique_id
 
 # Fields the front consumes; everything else reaches the upstream untouched.
 _FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})
+# A content chunk between its model and its delta (ChunkEncoder.delta).
+_CHOICE = b',"system_fingerprint":null,"choices":[{"index":0,"delta":'
 
 
 class _StreamOptions(msgspec.Struct):
@@ -129,7 +131,9 @@ class ChunkEncoder:
 
     The opening chunk carries the role; each Delta becomes one chunk; the closing chunks
     carry the finish reason and, when the client asked with ``stream_options.include_usage``,
-    a usage chunk with no choices, exactly where OpenAI puts them.
+    a usage chunk with no choices, exactly where OpenAI puts them. A content chunk, the one
+    written per token, is joined from bytes fixed for the stream around its encoded delta:
+    the same bytes as ``_chunk`` writes, a quarter of the work.
     """
 
     def __init__(self, model: str, *, include_usage: bool) -> None:
@@ -137,6 +141,13 @@ class ChunkEncoder:
         self.include_usage = include_usage
         self.id = _completion_id()
         self.created = int(time.time())
+        self._head = b'data: {"id":%s,"object":"chat.completion.chunk","created":%d' % (
+            encode(self.id),
+            self.created,
+        )
+        usage = b',"usage":null' if include_usage else b""
+        self._tail = b',"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
+        self._model = ("", b"")  # the model last written, and its JSON
 
     def _chunk(
         self,
@@ -175,7 +186,10 @@ class ChunkEncoder:
             piece["content"] = delta.text
         if delta.tool_calls:
             piece["tool_calls"] = delta.tool_calls
-        return self._chunk(piece)
+        if self._model[0] != self.model:
+            self._model = (self.model, encode(self.model))
+        model = self._model[1]
+        return b"".join((self._head, b',"model":', model, _CHOICE, encode(piece), self._tail))
 
     def closing(self, reply: Reply) -> bytes:
         """The finish chunk, the usage chunk if asked for, routerd's trailer, and [DONE]."""
