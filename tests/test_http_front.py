@@ -596,7 +596,7 @@ def test_deltas_become_anthropics_exact_event_sequence() -> None:
     stream = (
         encoder.opening()
         + encoder.delta(Delta(text="Hel"))
-        + encoder.delta(Delta(text="lo"))
+        + encoder.delta(Delta(text='lo "x"\n\u2028'))
         + encoder.delta(Delta(tool_calls=[call]))
         + encoder.delta(Delta(tool_calls=[{"index": 0, "function": {"arguments": "{}"}}]))
         + encoder.delta(Delta(tool_calls=[second]))
@@ -616,7 +616,7 @@ def test_deltas_become_anthropics_exact_event_sequence() -> None:
     stream += encoder.closing(reply)
     events = [
         json.loads(line.removeprefix("data: "))
-        for line in stream.decode().splitlines()
+        for line in stream.decode().split("\n")  # SSE lines end only at CR or LF
         if line.startswith("data: ")
     ]
     assert [(e["type"], e.get("index")) for e in events] == [
@@ -636,6 +636,11 @@ def test_deltas_become_anthropics_exact_event_sequence() -> None:
         ("message_stop", None),
     ]
     assert events[0]["message"]["usage"] == {"input_tokens": 12, "output_tokens": 0}
+    assert [e["delta"] for e in events[3:5]] == [
+        {"type": "text_delta", "text": "Hel"},
+        {"type": "text_delta", "text": 'lo "x"\n\u2028'},
+    ]
+    assert stream.count(b"event: content_block_delta\ndata: ") == 4
     assert events[6]["content_block"] == {"type": "tool_use", "id": "c1", "name": "f", "input": {}}
     assert events[7]["delta"] == {"type": "input_json_delta", "partial_json": "{}"}
     assert events[-2]["delta"]["stop_reason"] == "tool_use"

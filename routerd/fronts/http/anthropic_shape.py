@@ -29,6 +29,12 @@ from routerd.translate import (
 
 log = structlog.get_logger("routerd.front")
 
+# A text block's content_block_delta, as sse() writes it: (the block's index, the text's JSON).
+_TEXT_DELTA = (
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,'
+    b'"delta":{"type":"text_delta","text":%s}}\n\n'
+)
+
 
 def parse_messages(raw: bytes) -> MessagesRequest:
     """Decode and check a Messages body; raises ShapeError with the offending path."""
@@ -136,7 +142,7 @@ class EventEncoder:
         if delta.text:
             if self._open_kind != "text":
                 out += self._start({"type": "text", "text": ""}, "text")
-            out += self._delta(self._open, {"type": "text_delta", "text": delta.text})
+            out += _TEXT_DELTA % (self._open, encode(delta.text))  # per token: no dict
         for call in delta.tool_calls or []:
             out += self._tool_delta(call)
         return out
