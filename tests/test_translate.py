@@ -610,8 +610,7 @@ def test_stream_tool_calls_are_numbered_among_tool_calls_only() -> None:
         "function": {"name": "get_weather", "arguments": ""},
     }
     assert tool_deltas[1] == {"index": 0, "function": {"arguments": '{"location":'}}
-    merged: list[dict[str, Any]] = []
-    merge_tool_calls(merged, tool_deltas)
+    merged = merge_tool_calls(tool_deltas)
     assert [(c["id"], msgspec.json.decode(c["function"]["arguments"])) for c in merged] == [
         ("toolu_a", {"location": "Oslo"}),
         ("toolu_b", {"location": "Paris"}),  # index 1: the server tool did not count

@@ -472,8 +472,7 @@ async def test_stream_of_the_documented_events_yields_openai_deltas_and_summary(
         c == {"index": 0, "function": {"arguments": c["function"]["arguments"]}}
         for c in tool_deltas[1:]
     )
-    merged: list[dict[str, Any]] = []
-    merge_tool_calls(merged, tool_deltas)
+    merged = merge_tool_calls(tool_deltas)
     assert msgspec.json.decode(merged[0]["function"]["arguments"]) == {
         "location": "San Francisco, CA",
         "unit": "fahrenheit",

@@ -30,20 +30,56 @@ class ProviderRuntime:
     connect_timeout_s: float = 5.0
 
 
-def merge_tool_calls(merged: list[dict[str, Any]], deltas: list[dict[str, Any]]) -> None:
-    """Fold OpenAI-style tool-call deltas (keyed by index) into whole tool calls."""
-    for delta in deltas:
-        index = delta.get("index", len(merged))
-        while len(merged) <= index:
-            merged.append({"id": "", "type": "function", "function": {"name": "", "arguments": ""}})
-        call = merged[index]
-        if delta.get("id"):
-            call["id"] = delta["id"]
-        function = delta.get("function") or {}
-        if function.get("name"):
-            call["function"]["name"] += function["name"]
-        if function.get("arguments"):
-            call["function"]["arguments"] += function["arguments"]
+class ToolCalls:
+    """OpenAI-style tool-call deltas (keyed by index) folded into whole tool calls.
+
+    A name's or arguments' pieces are kept apart and joined once, in ``calls``: adding each
+    piece to a string would copy the string so far per piece, and a tool call that writes a
+    file streams its arguments in tens of thousands of pieces.
+    """
+
+    __slots__ = ("_arguments", "_ids", "_names")
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._names: list[list[str]] = []
+        self._arguments: list[list[str]] = []
+
+    def add(self, deltas: list[dict[str, Any]]) -> None:
+        """Fold one Delta's tool-call pieces in."""
+        for delta in deltas:
+            index = delta.get("index", len(self._ids))
+            while len(self._ids) <= index:
+                self._ids.append("")
+                self._names.append([])
+                self._arguments.append([])
+            if delta.get("id"):
+                self._ids[index] = delta["id"]
+            function = delta.get("function") or {}
+            if function.get("name"):
+                self._names[index].append(function["name"])
+            if function.get("arguments"):
+                self._arguments[index].append(function["arguments"])
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The whole calls so far, in index order."""
+        return [
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": "".join(name), "arguments": "".join(arguments)},
+            }
+            for call_id, name, arguments in zip(
+                self._ids, self._names, self._arguments, strict=True
+            )
+        ]
+
+
+def merge_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Whole tool calls from OpenAI-style tool-call deltas (keyed by index)."""
+    merged = ToolCalls()
+    merged.add(deltas)
+    return merged.calls()
 
 
 def _merge_headers(base: dict[str, str], extra: dict[str, str]) -> dict[str, str]:
@@ -120,13 +156,13 @@ async def streamed(
 ) -> Completion:
     """Relay a streamed call's deltas to ``deliver`` and return it as one Completion."""
     parts: list[str] = []
-    tool_calls: list[dict[str, Any]] = []
+    tool_calls = ToolCalls()
     async with adapter.stream(call) as upstream:
         async for delta in upstream:
             if delta.text:
                 parts.append(delta.text)
             if delta.tool_calls:
-                merge_tool_calls(tool_calls, delta.tool_calls)
+                tool_calls.add(delta.tool_calls)
             if delta.model != upstream.model:
                 # Every piece names the model serving it, as the finished reply will.
                 delta = Delta(delta.text, delta.tool_calls, delta.finish_reason, upstream.model)
@@ -137,5 +173,5 @@ async def streamed(
             finish_reason=upstream.finish_reason,
             usage=upstream.usage,
             limits=upstream.limits,
-            tool_calls=tool_calls or None,
+            tool_calls=tool_calls.calls() or None,
         )

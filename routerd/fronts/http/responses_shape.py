@@ -185,7 +185,7 @@ class EventEncoder:
                 out += self._open_text()
             item = self._text
             assert item is not None
-            item["text"] += delta.text
+            item["parts"].append(delta.text)  # joined once, when the item closes
             out += self._event(
                 "response.output_text.delta",
                 item_id=item["id"],
@@ -202,7 +202,7 @@ class EventEncoder:
         item: dict[str, Any] = {
             "id": f"msg_{unique_id()}",
             "index": len(self._items),
-            "text": "",
+            "parts": [],
             "kind": "text",
         }
         self._items.append(item)
@@ -232,7 +232,7 @@ class EventEncoder:
                 "index": len(self._items),
                 "kind": "call",
                 "call": {"id": call.get("id"), "function": {"name": function.get("name")}},
-                "arguments": "",
+                "parts": [],
             }
             self._items.append(item)
             self._calls[index] = item
@@ -242,7 +242,7 @@ class EventEncoder:
             item["call"]["function"]["name"] = function["name"]
         piece = function.get("arguments")
         if piece:
-            item["arguments"] += piece
+            item["parts"].append(piece)
             out += self._event(
                 "response.function_call_arguments.delta",
                 item_id=item["id"],
@@ -256,11 +256,12 @@ class EventEncoder:
         if item is None:
             return b""
         self._text = None
-        part = {"type": "output_text", "text": item["text"], "annotations": []}
+        text = "".join(item["parts"])
+        part = {"type": "output_text", "text": text, "annotations": []}
         common = {"item_id": item["id"], "output_index": item["index"], "content_index": 0}
-        item["done"] = message_item(item["id"], item["text"])
+        item["done"] = message_item(item["id"], text)
         return (
-            self._event("response.output_text.done", **common, text=item["text"], logprobs=[])
+            self._event("response.output_text.done", **common, text=text, logprobs=[])
             + self._event("response.content_part.done", **common, part=part)
             + self._event(
                 "response.output_item.done", output_index=item["index"], item=item["done"]
@@ -268,17 +269,15 @@ class EventEncoder:
         )
 
     def _close_call(self, item: dict[str, Any]) -> bytes:
-        call = {
-            **item["call"],
-            "function": {**item["call"]["function"], "arguments": item["arguments"]},
-        }
+        arguments = "".join(item["parts"])
+        call = {**item["call"], "function": {**item["call"]["function"], "arguments": arguments}}
         item["done"] = call_item(item["id"], call)
         return self._event(
             "response.function_call_arguments.done",
             item_id=item["id"],
             output_index=item["index"],
             name=item["done"]["name"],
-            arguments=item["arguments"],
+            arguments=arguments,
         ) + self._event("response.output_item.done", output_index=item["index"], item=item["done"])
 
     def closing(self, reply: Reply) -> bytes:
