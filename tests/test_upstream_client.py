@@ -20,7 +20,11 @@ from typing import Any
 
 import pytest
 
-from routerd.upstream.connection import HIGH_WATER
+from routerd.core.calls import Call
+from routerd.core.outcome import UpstreamFailure
+from routerd.upstream import common, connection
+from routerd.upstream.common import Streamed, sse_events
+from routerd.upstream.connection import HIGH_WATER, MAX_HEAD, MAX_INFLATED
 from routerd.upstream.session import Response, UpstreamSession
 from routerd.upstream.wire import (
     ConnectError,
@@ -524,6 +528,96 @@ async def test_a_stream_left_before_its_end_closes_its_connection(
         response.release()
         assert session.pool().open == 0
         await wait_until(lambda: server.closed >= 1)
+    finally:
+        await server.stop()
+
+
+# --- what a server may send at most -----------------------------------------------------
+
+
+async def test_a_body_read_whole_past_its_limit_fails_and_closes(
+    session: UpstreamSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "MAX_BODY", 100_000)
+    server = await serving(answer(b"z" * 100_001))
+    try:
+        with pytest.raises(ProtocolError, match="the reply's body passed"):
+            await fetch(session, server.url())
+        await settle()
+        assert session.pool().open == 0
+    finally:
+        await server.stop()
+
+
+async def test_a_body_at_its_limit_is_read(
+    session: UpstreamSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "MAX_BODY", 100_000)
+    server = await serving(answer(b"z" * 100_000))
+    try:
+        assert await fetch(session, server.url()) == (200, b"z" * 100_000)
+    finally:
+        await server.stop()
+
+
+async def test_headers_past_their_limit_fail_the_exchange(session: UpstreamSession) -> None:
+    many = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"p" * 1000) for n in range(MAX_HEAD // 1000 + 1))
+    server = await serving(answer(extra=many))
+    try:
+        with pytest.raises(ProtocolError, match="the reply's headers passed 256 KiB"):
+            await fetch(session, server.url())
+        assert session.pool().open == 0
+    finally:
+        await server.stop()
+
+
+async def test_a_compressed_reply_that_expands_too_far_fails(session: UpstreamSession) -> None:
+    bomb = gzip.compress(b"\0" * (MAX_INFLATED + 1))  # some 16 kB on the wire
+    server = await serving(answer(bomb, extra=b"Content-Encoding: gzip\r\n"))
+    try:
+        with pytest.raises(ProtocolError, match="a compressed piece of the reply passed 16 MiB"):
+            await fetch(session, server.url())
+        assert session.pool().open == 0
+    finally:
+        await server.stop()
+
+
+def _endless_stream(piece: bytes) -> Respond:
+    async def respond(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        while True:
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()  # raises once the client has closed the connection
+
+    return respond
+
+
+@pytest.mark.parametrize(
+    "piece",
+    [b"data: " + b"x" * 4000, b"data: " + b"x" * 1000 + b"\n"],
+    ids=["a line that never ends", "an event whose data lines never end"],
+)
+async def test_a_stream_event_past_its_limit_is_a_cut_stream(
+    session: UpstreamSession, monkeypatch: pytest.MonkeyPatch, piece: bytes
+) -> None:
+    monkeypatch.setattr(common, "MAX_EVENT", 200_000)
+    server = await serving(_endless_stream(piece))
+    call = Call(base_url=server.url(), model="m", key="sk-canary-never-shown-0001")
+    events = 0
+    try:
+        response = await session.request(server.url(), b"", {}, 5.0)
+        try:
+            with pytest.raises(UpstreamFailure) as failed:
+                async for _ in sse_events(Streamed(response), call):
+                    events += 1
+        finally:
+            response.release()
+        assert events == 0
+        failure = failed.value.failure
+        assert "stream cut (protocol error)" in failure.message
+        assert "an event of the stream passed" in failure.message
+        assert "sk-canary" not in repr(failure)
+        assert session.pool().open == 0
     finally:
         await server.stop()
 

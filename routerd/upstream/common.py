@@ -28,6 +28,7 @@ from routerd.upstream.wire import (
 
 __all__ = [
     "HTTP_ERRORS",
+    "MAX_EVENT",
     "Answer",
     "Streamed",
     "endpoint",
@@ -39,6 +40,9 @@ __all__ = [
 
 # Everything a failed exchange raises: the client's errors and a timeout from beneath them.
 HTTP_ERRORS = (HTTPError, asyncio.TimeoutError)
+# The most one line, or one event's data lines together, of a stream may hold (characters):
+# a chunk is some hundred bytes; a server that never ends a line fails the stream instead.
+MAX_EVENT = 16 * 1024 * 1024
 # Most specific first: the first match names the failure.
 _KINDS: tuple[tuple[type[Exception], str], ...] = (
     (InvalidURL, "invalid url"),
@@ -69,24 +73,15 @@ class Answer:
 
 
 class Streamed:
-    """A successful upstream reply being streamed: status, headers, then its lines."""
+    """A successful upstream reply being streamed: status, headers, then its body, read
+    piece by piece (``read``: b"" once it has ended); ``sse_events`` reads its events."""
 
-    __slots__ = ("_response", "headers", "status")
+    __slots__ = ("headers", "read", "status")
 
     def __init__(self, response: Response) -> None:
         self.status = response.status
         self.headers = response.headers
-        self._response = response
-
-    async def lines(self) -> AsyncIterator[str]:
-        """The body's lines without their endings, as they arrive, however long."""
-        splitter = LineSplitter()
-        read = self._response.conn.read
-        while chunk := await read():
-            for line in splitter.feed(chunk):
-                yield line
-        for line in splitter.flush():
-            yield line
+        self.read = response.conn.read
 
 
 @lru_cache(maxsize=256)
@@ -185,12 +180,22 @@ async def open_stream(
 async def sse_events(stream: Streamed, call: Call) -> AsyncIterator[tuple[str | None, str]]:
     """The (event, data) pairs of a streamed response, to its end.
 
-    A transport error on the way (a cut, a timeout) is raised as UpstreamFailure.
+    A transport error on the way (a cut, a timeout), or a line or an event past MAX_EVENT
+    (a server that never ends one), is raised as UpstreamFailure.
     """
     decoder = SSEDecoder()
+    splitter = LineSplitter()
+    read = stream.read
     failure: Failure | None = None
     try:
-        async for line in stream.lines():
+        while chunk := await read():
+            for line in splitter.feed(chunk):
+                event = decoder.feed(line)
+                if event is not None:
+                    yield event
+            if splitter.pending + decoder.size > MAX_EVENT:
+                raise ProtocolError(f"an event of the stream passed {MAX_EVENT >> 20} MiB")
+        for line in splitter.flush():
             event = decoder.feed(line)
             if event is not None:
                 yield event

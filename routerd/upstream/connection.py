@@ -17,18 +17,30 @@ import httptools
 
 from routerd.upstream.wire import HTTPError, NetworkError, ProtocolError, ReadError, ReadTimeout
 
-__all__ = ["HIGH_WATER", "LOW_WATER", "Connection"]
+__all__ = ["HIGH_WATER", "LOW_WATER", "MAX_BODY", "MAX_HEAD", "MAX_INFLATED", "Connection"]
 
 # Reading pauses when this much body waits unread (a reader slower than its server), and
 # resumes once the reader has taken it down to LOW_WATER.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# What a server may send before it fails the exchange as a protocol error: a reply's
+# headers; a body read whole (a chat completion is some kilobytes, a long one a few
+# megabytes; a stream is read piece by piece and bounded by HIGH_WATER instead); what one
+# compressed piece may expand to (a server compressing a reply routerd did not ask to be
+# compressed, 64 times over).
+MAX_HEAD = 256 * 1024
+MAX_BODY = 64 * 1024 * 1024
+MAX_INFLATED = 16 * 1024 * 1024
 
 Key = tuple[str, str, int]
 
 
 class _Stray(Exception):
     """A second response on one exchange: parsing stops and the connection is not reused."""
+
+
+class _TooLarge(Exception):
+    """A reply past one of the limits above: parsing stops and the exchange fails."""
 
 
 class Connection(asyncio.Protocol):
@@ -47,6 +59,7 @@ class Connection(asyncio.Protocol):
         "_done",
         "_error",
         "_head_done",
+        "_head_size",
         "_headers",
         "_interim",
         "_keep_alive",
@@ -81,6 +94,7 @@ class Connection(asyncio.Protocol):
         self._busy = False
         self._status = 0
         self._headers: dict[str, str] = {}
+        self._head_size = 0
         self._head_done = False
         self._interim = False
         self._done = False
@@ -112,6 +126,7 @@ class Connection(asyncio.Protocol):
         self._busy = True
         self._status = 0
         self._headers = {}
+        self._head_size = 0
         self._head_done = self._interim = self._done = self._keep_alive = False
         self._error = None
         self._decoder = None
@@ -154,9 +169,16 @@ class Connection(asyncio.Protocol):
             await self._wait()
 
     async def read_all(self) -> bytes:
-        """The whole body (taken as it comes, so reading is never paused for it)."""
+        """The whole body (taken as it comes, so reading is never paused for it), up to
+        MAX_BODY: past it the exchange fails as a protocol error and the connection closes."""
         parts: list[bytes] = []
+        size = 0
         while chunk := await self.read():
+            size += len(chunk)
+            if size > MAX_BODY:
+                error = ProtocolError(f"the reply's body passed {MAX_BODY >> 20} MiB")
+                self._fail(error)
+                raise error
             parts.append(chunk)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -244,6 +266,8 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _Stray):
                 self.close()  # the reply was whole; what followed it is dropped
+            elif isinstance(exc.__context__, _TooLarge):
+                self._fail(ProtocolError(str(exc.__context__)))
             else:
                 self._fail(ProtocolError(f"undecodable body: {exc.__context__}"))
         except httptools.HttpParserError as exc:
@@ -279,6 +303,9 @@ class Connection(asyncio.Protocol):
             raise _Stray
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value)
+        if self._head_size > MAX_HEAD:
+            raise _TooLarge(f"the reply's headers passed {MAX_HEAD >> 10} KiB")
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -296,7 +323,9 @@ class Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self._decoder is not None:
-            body = self._decoder.decompress(body)
+            body = self._decoder.decompress(body, MAX_INFLATED)
+            if self._decoder.unconsumed_tail:
+                raise _TooLarge(f"a compressed piece of the reply passed {MAX_INFLATED >> 20} MiB")
             if not body:
                 return
         self._chunks.append(body)
