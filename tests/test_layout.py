@@ -154,6 +154,17 @@ def test_the_http_front_serves_without_uvicorn() -> None:
     assert users and all(n.startswith("routerd.mock.") for n in users), users
 
 
+def test_only_the_fleet_backend_imports_redis_and_only_connect_fleet_imports_it() -> None:
+    # Loading redis-py costs ~110 modules and ~7 MB: a daemon without [state] skips it
+    # (tests/test_lean_start.py runs it).
+    users = sorted(
+        n for n, imported in EXTERNAL.items() if any(_matches(i, ("redis",)) for i in imported)
+    )
+    assert users == ["routerd.fleet.backend"]
+    importers = sorted(n for n, imported in GRAPH.items() if "routerd.fleet.backend" in imported)
+    assert importers == ["routerd.fleet.setup"]
+
+
 def test_the_dispatcher_does_not_load_the_adapters() -> None:
     reached = _reach("routerd.dispatch.dispatcher")
     assert not {"routerd.upstream.openai", "routerd.upstream.anthropic"} & reached
