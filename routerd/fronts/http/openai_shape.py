@@ -19,8 +19,11 @@ from routerd.fronts.http.wire import ShapeError, encode, trailer, unique_id
 
 # Fields the front consumes; everything else reaches the upstream untouched.
 _FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})
-# A content chunk between its model and its delta (ChunkEncoder.delta).
+# A content chunk around its delta (ChunkEncoder.delta): what follows its model, and its end
+# without and with the usage field.
 _CHOICE = b',"system_fingerprint":null,"choices":[{"index":0,"delta":'
+_END = b',"logprobs":null,"finish_reason":null}]}\n\n'
+_END_USAGE = b',"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
 
 
 class _StreamOptions(msgspec.Struct):
@@ -141,13 +144,9 @@ class ChunkEncoder:
         self.include_usage = include_usage
         self.id = _completion_id()
         self.created = int(time.time())
-        self._head = b'data: {"id":%s,"object":"chat.completion.chunk","created":%d' % (
-            encode(self.id),
-            self.created,
-        )
-        usage = b',"usage":null' if include_usage else b""
-        self._tail = b',"logprobs":null,"finish_reason":null}]' + usage + b"}\n\n"
-        self._model = ("", b"")  # the model last written, and its JSON
+        # The model a content chunk last named, and the chunk's bytes before its delta: made
+        # at the first one (a reply that does not stream makes none).
+        self._prefix: tuple[str | None, bytes] = (None, b"")
 
     def _chunk(
         self,
@@ -186,10 +185,12 @@ class ChunkEncoder:
             piece["content"] = delta.text
         if delta.tool_calls:
             piece["tool_calls"] = delta.tool_calls
-        if self._model[0] != self.model:
-            self._model = (self.model, encode(self.model))
-        model = self._model[1]
-        return b"".join((self._head, b',"model":', model, _CHOICE, encode(piece), self._tail))
+        model, prefix = self._prefix
+        if model != self.model:
+            head = b'data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s'
+            prefix = head % (encode(self.id), self.created, encode(self.model)) + _CHOICE
+            self._prefix = (self.model, prefix)
+        return b"".join((prefix, encode(piece), _END_USAGE if self.include_usage else _END))
 
     def closing(self, reply: Reply) -> bytes:
         """The finish chunk, the usage chunk if asked for, routerd's trailer, and [DONE]."""
