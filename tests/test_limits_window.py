@@ -189,6 +189,34 @@ def test_requests_still_in_flight_when_the_window_resets_count_in_the_new_one() 
     c.succeeded(now + 0.5, 5.0, provider_reply(provider, now + 0.5), slow)
 
 
+def test_a_reply_read_after_the_reset_does_not_take_back_a_share_that_left_since() -> None:
+    # ``slow`` is sent as the first share comes back and counted beside two older shares
+    # that leave at 2.05; its reply, read after the reset its window was dated (2.06), says
+    # nothing is left: true when it was counted, stale now. ``late`` took one of the places
+    # freed since, so one is left. Taking the stale figure alone lost that place until the
+    # share of ``slow`` came back, two seconds later (the pool test's extra window).
+    c, provider = cred(), SlidingWindow(LIMIT, LENGTH)
+    spend_window(c, provider, [0.0])
+    first, second = c.lease(0.05, 1), c.lease(0.05, 1)
+    provider.add(1, 0.05)
+    provider.add(1, 0.05)
+    c.succeeded(0.055, 5.0, provider_reply(provider, 0.05), first)  # back at 2.055
+    c.succeeded(0.06, 5.0, provider_reply(provider, 0.05), second)  # back at 2.06
+    assert c.requests.reset_at == pytest.approx(2.06)
+    assert c.free_at(2.02, 1) == 2.02  # the share of 0.0 is back (at 2.01)
+    slow = c.lease(2.02, 1)
+    provider.add(1, 2.02)
+    stale = provider_reply(provider, 2.02)
+    assert stale.requests is not None and stale.requests.remaining == 0
+    assert c.free_at(2.056, 1) == 2.056
+    c.lease(2.056, 1)  # late: before the reset, so nothing rolls the window over
+    provider.add(1, 2.056)
+    c.succeeded(2.07, 5.0, stale, slow)
+    assert c.requests.left(2.07) == 1
+    assert c.free_at(2.07, 1) == 2.07
+    assert provider.wait_for(1, 2.07) == 0  # the provider agrees: one place is free
+
+
 def whole_second_reply(
     provider: SlidingWindow, counted: float, read: float, wall: float
 ) -> RateLimitReport:

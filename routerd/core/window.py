@@ -40,7 +40,9 @@ class LearnedWindow:
     freed that we credit later; so it only raises the estimate by what it adds beyond the
     shares that may have left by then: those sent at least a window ago, the window being
     at least as long as any reset reported less the unit it was written in (Anthropic
-    writes whole seconds, rounded up: a reset of 2.9 s is one of a 2 s window).
+    writes whole seconds, rounded up: a reset of 2.9 s is one of a 2 s window). A reply read
+    after the reset, to a request sent before it, counted shares that have left since: it
+    lowers the estimate no further than the whole window less what is still unanswered.
     """
 
     limit: int | None = None
@@ -91,6 +93,11 @@ class LearnedWindow:
             bound = max(0, window.remaining - unreported)
             if self.remaining is None or now >= self.reset_at:
                 self.remaining = bound
+                if sent_at is not None and sent_at < self.reset_at and self.limit is not None:
+                    # Counted before the window was whole again, beside shares that have
+                    # left since: now the window holds at most what is still unanswered.
+                    whole = self.limit - max(0, self.sent - self.answered)
+                    self.remaining = max(bound, whole)
             else:
                 self.remaining = max(self.remaining, bound - self._maybe_freed(now))
         if window.reset_s is not None:
