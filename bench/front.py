@@ -19,8 +19,9 @@ machine weighs on all alike; at concurrency 1 the paths take turns in blocks of 
 - streaming: time to the first chunk at concurrency 1 (p50, added to direct) and chunks
   relayed per second with 100 streams at once.
 - CPU per request in the throughput runs, and per stream (and per chunk) in the
-  many-streams runs, per process; and at concurrency 1, where a request's time goes: each
-  process's time on a core and in the run queue (schedstat);
+  many-streams runs, per process, and how much of it all processes spent in the kernel;
+  and at concurrency 1, where a request's time goes: each process's time on a core and in
+  the run queue (schedstat);
 - throughput at concurrency 16 and 64 once more with the OpenAI SDK (``AsyncOpenAI``) as
   the client of every OpenAI-shaped path: the client agents send with, which costs some
   ten times the aiohttp client's CPU per request.
@@ -264,20 +265,32 @@ def process_trees(roots: dict[str, int]) -> dict[str, list[int]]:
     return _trees(roots, _proc_stats())
 
 
+# Not a process: the CPU seconds all of them spent in the kernel (system calls, loopback
+# TCP delivering to the peer), a part of the processes' figures.
+KERNEL = "in kernel"
+
+
 def cpu_seconds(roots: dict[str, int]) -> dict[str, float]:
-    """CPU time (user + system) used so far by each root process and its live descendants."""
+    """CPU time (user + system) used so far by each root process and its live descendants,
+    and the system part of all of them under KERNEL."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = _proc_stats()
+    trees = _trees(roots, stats)
     # utime and stime: the 14th and 15th fields of the line, the 12th and 13th after it.
-    return {
+    used = {
         name: sum(int(stats[pid][11]) + int(stats[pid][12]) for pid in pids) / tick
-        for name, pids in _trees(roots, stats).items()
+        for name, pids in trees.items()
     }
+    used[KERNEL] = sum(int(stats[pid][12]) for pids in trees.values() for pid in pids) / tick
+    return used
 
 
 def cpu_snapshot(roots: dict[str, int]) -> dict[str, float]:
-    """CPU seconds so far of this benchmark and of each watched process (with its children)."""
-    return {"benchmark": time.process_time()} | cpu_seconds(roots)
+    """CPU seconds so far of this benchmark and of each watched process (with its children),
+    and under KERNEL the system part of all of them."""
+    used = cpu_seconds(roots)
+    used[KERNEL] += os.times().system
+    return {"benchmark": time.process_time()} | used
 
 
 Sched = dict[str, tuple[int, int]]
@@ -940,7 +953,7 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
         ],
         stream_rows,
     )
-    processes = list(direct.cpu)
+    processes = [p for p in direct.cpu if p != KERNEL]
     cores = os.cpu_count() or 1
     cpu_rows = []
     for name, fig in figures.items():
@@ -951,6 +964,7 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
                 name,
                 *(f"{per_request[p]:.3f}" for p in processes),
                 f"{total:.3f}",
+                f"{1000 * fig.cpu.get(KERNEL, 0.0) / max(1, fig.cpu_requests):.3f}",
                 f"{1000 * cores / total:.0f}" if total else "",
                 f"{fig.cpu_requests / sum(fig.throughput[c][1] for c in fig.throughput):.0f}",
             ]
@@ -958,9 +972,9 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
     print(
         f"\nCPU per request in the throughput runs (ms; c{c_lo} and c{c_hi} together): every "
         f"process shares the {cores} cores, so {cores} cores / total CPU per request bounds "
-        "what a path can serve"
+        f"what a path can serve; {KERNEL}: the part of the total spent in system calls"
     )
-    print_table(["path", *processes, "total", "bound req/s", "req/s"], cpu_rows)
+    print_table(["path", *processes, "total", KERNEL, "bound req/s", "req/s"], cpu_rows)
     report_stream_cpu(figures, plan)
     report_c1_time(figures)
     report_sdk(sdk, plan)
@@ -975,25 +989,27 @@ def report(figures: dict[str, Figures], sdk: dict[str, Figures], plan: Plan, chu
 
 def report_stream_cpu(figures: dict[str, Figures], plan: Plan) -> None:
     """CPU per stream of each process in the many-streams runs, and per content chunk."""
-    processes = list(figures[DIRECT].stream_cpu)
+    processes = [p for p in figures[DIRECT].stream_cpu if p != KERNEL]
     rows = []
     for name, fig in figures.items():
         streams, chunks = max(1, fig.streams), max(1, fig.stream_chunks)
         per_stream = [1000 * fig.stream_cpu.get(p, 0.0) / streams for p in processes]
-        total = sum(fig.stream_cpu.values())
+        total = sum(fig.stream_cpu.get(p, 0.0) for p in processes)
         rows.append(
             [
                 name,
                 *(f"{ms:.3f}" for ms in per_stream),
                 f"{sum(per_stream):.3f}",
+                f"{1000 * fig.stream_cpu.get(KERNEL, 0.0) / streams:.3f}",
                 f"{1e6 * total / chunks:.1f}",
             ]
         )
     print(
         f"\nCPU per stream with {plan.stream_concurrency} streams at once (ms; the benchmark "
-        "is the client, reading each chunk), and of all processes together per content chunk"
+        "is the client, reading each chunk), the part of the total spent in the kernel, and of "
+        "all processes together per content chunk"
     )
-    print_table(["path", *processes, "total", "us/chunk"], rows)
+    print_table(["path", *processes, "total", KERNEL, "us/chunk"], rows)
 
 
 def report_sdk(sdk: dict[str, Figures], plan: Plan) -> None:
