@@ -3,8 +3,9 @@
 A real `routerd serve` (default [server] settings unless told otherwise) and N raw
 connections that each say Hello, announce a frame of ``--frame-mib`` MiB and send all of it
 but the last byte, as fast as the daemon takes it. The daemon's resident memory is sampled
-before, at its peak while the frames stall, and after they are closed; the clients then
-report how each connection ended. A bystander client times one chat during the stall.
+before, at its peak (every 10 ms from the first stalled frame until a second after the last
+one closed) and after they are closed; the clients then report how each connection ended.
+A bystander client times one chat during the stall.
 
     .venv/bin/python bench/hostile.py --connections 30 --frame-mib 16
 """
@@ -16,6 +17,7 @@ import contextlib
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,6 +44,27 @@ def rss_mib(pid: int) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+class PeakRss:
+    """The highest RSS of a process, sampled every 10 ms in a thread until ``stop``."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rss_mib(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            with contextlib.suppress(OSError, RuntimeError):  # the process may be gone
+                self.peak = max(self.peak, rss_mib(self.pid))
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def read_reply(sock: socket.socket, deadline: float) -> str:
@@ -111,19 +134,17 @@ chain = ["mock/m"]
                 sock.setblocking(False)
                 socks.append(sock)
             sent = [0] * len(socks)
-            peak = before
+            sampler = PeakRss(pid)  # from the first stalled frame to the last close
             until = time.monotonic() + args.stall_s
             while time.monotonic() < until:
                 for n, sock in enumerate(socks):
                     if sent[n] < len(data):
                         with contextlib.suppress(BlockingIOError, ConnectionError):
                             sent[n] += sock.send(data[sent[n] : sent[n] + MiB])
-                peak = max(peak, rss_mib(pid))
                 time.sleep(0.01)
             started = time.perf_counter()
             bystander.chat("main", [{"role": "user", "content": "during the stall"}])
             chat_ms = (time.perf_counter() - started) * 1000
-            peak = max(peak, rss_mib(pid))
             delivered = sum(sent) / MiB
             # server.read_timeout_s (30 s by default) and some slack.
             deadline = time.monotonic() + args.wait_s
@@ -131,6 +152,7 @@ chain = ["mock/m"]
             for sock in socks:
                 sock.close()
             time.sleep(1.0)
+            peak = sampler.stop()
             after = rss_mib(pid)
             alive = routerd.process.poll() is None
     finally:
@@ -140,7 +162,7 @@ chain = ["mock/m"]
     print(f"{args.connections} connections x {args.frame_mib} MiB frames, each one byte short")
     print(f"bytes the daemon accepted   {delivered:8.1f} MiB")
     print(f"daemon RSS before           {before:8.1f} MiB")
-    print(f"daemon RSS peak (stalled)   {peak:8.1f} MiB")
+    print(f"daemon RSS peak             {peak:8.1f} MiB")
     print(f"daemon RSS after close      {after:8.1f} MiB")
     print(f"bystander chat in the stall {chat_ms:8.1f} ms")
     print(f"daemon alive                {alive}")

@@ -143,6 +143,19 @@ def test_the_last_bytes_of_a_large_body_and_the_next_frame_in_one_feed() -> None
     assert frames_of(decoder) == [body, b"abc"]
 
 
+def test_clear_drops_a_frame_under_way_and_its_buffer() -> None:
+    decoder = FrameDecoder(1 << 20, exact_above=1000)
+    decoder.feed(HEADER.pack(5000) + b"a" * 100)
+    assert decoder.next_frame() is None
+    decoder.feed(b"b" * 100)  # now in the body's own buffer of 5000 bytes
+    assert decoder.buffered == 200
+    decoder.clear()
+    assert decoder.buffered == 0
+    assert decoder.frame_size() is None
+    decoder.feed(HEADER.pack(2) + b"ok")
+    assert frames_of(decoder) == [b"ok"]
+
+
 def test_garbled_bytes_fail_the_connection_for_every_request() -> None:
     proto = protocol()
     first: queue.SimpleQueue[Reply] = queue.SimpleQueue()

@@ -157,6 +157,13 @@ class FrameDecoder:
         del buffer[:size]
         return frame
 
+    def clear(self) -> None:
+        """Drop every byte fed and the frame under way, its buffer with it."""
+        self._buffer = bytearray()
+        self._body = None
+        self._filled = 0
+        self._size = -1
+
 
 class ConnectionFailed(Exception):
     """The connection cannot go on; ``failure`` makes the error each pending request gets."""

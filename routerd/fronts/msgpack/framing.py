@@ -5,7 +5,9 @@ has arrived, the body's declared size is reserved from the global BufferBudget (
 to ``read_timeout_s`` for room) and the body must arrive whole within ``read_timeout_s``;
 the reservation is given back when the body is read, refused or abandoned. A large body is
 received into one buffer of exactly its size, so a stalled frame holds what it declared and
-no more: no growing buffer for the allocator to scatter, no copy of a copy at the end.
+no more: no growing buffer for the allocator to scatter, no copy of a copy at the end. A
+body abandoned (stalled, cut off, cancelled) is dropped with its reservation: the budget
+counts memory that is really free again, whoever still holds the reader.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ class FrameReader:
         # A body above what is read unreserved goes into one buffer of its exact size,
         # allocated only after its reservation.
         self._frames = FrameDecoder(max_frame, exact_above=UNRESERVED_FRAME)
+        self._closed = False
 
     async def read(self) -> bytes | bytearray:
         """The next frame's body."""
+        if self._closed:
+            raise anyio.ClosedResourceError
         frames = self._frames
         while (size := frames.frame_size()) is None:
             await self._receive()
@@ -77,6 +82,13 @@ class FrameReader:
         finally:
             if reserved:
                 self.budget.release(reserved)
+                if body is None:  # abandoned: its buffer goes with its reservation
+                    self.close()
+
+    def close(self) -> None:
+        """Drop whatever part of a frame is buffered; nothing is read from here on."""
+        self._closed = True
+        self._frames.clear()
 
     async def _receive(self) -> None:
         frames = self._frames

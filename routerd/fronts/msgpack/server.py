@@ -13,6 +13,7 @@ import itertools
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -152,6 +153,10 @@ async def serve_clients(
     )
 
 
+def _chat_crashed(conn_id: int, exc: BaseException) -> None:
+    log.error("request_crashed", conn=conn_id, exc_info=exc)
+
+
 class Connection:
     """One client connection: reads frames, runs requests, writes replies.
 
@@ -201,7 +206,9 @@ class Connection:
         # The Chat requests running, which serve() cancels and awaits before the connection
         # closes (a request cancelled by the daemon's shutdown still tells its client so,
         # see _run_chat).
-        self._chats = RequestTasks(self._chat_crashed)
+        # (Told of a crash by the connection's id, not by a method of the connection: the
+        # tasks would hold the connection, and its buffers, in a cycle after it ended.)
+        self._chats = RequestTasks(partial(_chat_crashed, self.id))
 
     async def send(self, message: DaemonMessage, *, soon: bool = False) -> None:
         """Write one frame; a client that went away just ends the writer.
@@ -308,6 +315,7 @@ class Connection:
                 # The client is gone or untrusted: its requests and their upstream calls end.
                 requests.cancel_scope.cancel()
         finally:
+            self.frames.close()
             with anyio.CancelScope(shield=True):
                 self._chats.cancel()
                 await self._chats.ended()
@@ -371,9 +379,6 @@ class Connection:
         else:
             # A second Hello: the client lost track of the connection's state.
             raise _HangUp(f"unexpected {type(message).__name__} frame")
-
-    def _chat_crashed(self, exc: BaseException) -> None:
-        log.error("request_crashed", conn=self.id, exc_info=exc)
 
     async def _run_reload(self, request_id: int) -> None:
         # Changing the config is the operator's: the daemon's own user, or root.
