@@ -511,6 +511,32 @@ async def test_a_reader_slower_than_its_server_holds_a_bounded_buffer(
         await server.stop()
 
 
+async def test_a_stream_left_with_unread_bytes_lets_them_go_with_it(
+    session: UpstreamSession,
+) -> None:
+    # Closed, the connection waits for the cycle collector (its parser calls back into
+    # it), so what it still buffers must go when the exchange ends, not with the object.
+    size = 8 * 1024 * 1024
+
+    async def flood(request: Request, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"y" * 65536)
+            await writer.drain()
+        return True
+
+    server = await serving(flood)
+    try:
+        response = await session.request(server.url(), b"", {}, 5.0)
+        conn = response.conn
+        await wait_until(lambda: conn.buffered >= HIGH_WATER)
+        response.release()  # left unread: the connection closes
+        assert conn.closed
+        assert conn.buffered == 0
+    finally:
+        await server.stop()
+
+
 async def test_a_stream_left_before_its_end_closes_its_connection(
     session: UpstreamSession,
 ) -> None:

@@ -183,13 +183,17 @@ class Connection(asyncio.Protocol):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def detach(self) -> bool:
-        """End the exchange: True if the connection may carry another, else it is closed."""
+        """End the exchange: True if the connection may carry another, else it is closed.
+
+        What of the reply was left unread goes now: a closed connection waits for the cycle
+        collector (its parser calls back into it), and must not hold a body meanwhile.
+        """
+        self._chunks.clear()
+        self._buffered = 0
         if not self.reusable:
             self.close()
             return False
         self._busy = False
-        self._chunks.clear()  # a reply that came whole but was left unread
-        self._buffered = 0
         if self._paused:
             self._paused = False
             cast(asyncio.Transport, self._transport).resume_reading()
