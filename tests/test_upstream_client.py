@@ -481,18 +481,21 @@ def test_urls_that_cannot_be_requested_are_invalid() -> None:
 # --- streaming --------------------------------------------------------------------------
 
 
+FLOOD = 8 * 1024 * 1024
+
+
+async def flood(request: Request, writer: asyncio.StreamWriter) -> bool:
+    """An 8 MiB body, sent as fast as the client takes it."""
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % FLOOD)
+    for _ in range(FLOOD // 65536):
+        writer.write(b"y" * 65536)
+        await writer.drain()
+    return True
+
+
 async def test_a_reader_slower_than_its_server_holds_a_bounded_buffer(
     session: UpstreamSession,
 ) -> None:
-    size = 8 * 1024 * 1024
-
-    async def flood(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(size // 65536):
-            writer.write(b"y" * 65536)
-            await writer.drain()
-        return True
-
     server = await serving(flood)
     try:
         response = await session.request(server.url(), b"", {}, 5.0)
@@ -503,7 +506,7 @@ async def test_a_reader_slower_than_its_server_holds_a_bounded_buffer(
             assert 0 < held < HIGH_WATER + 512 * 1024
             while chunk := await response.conn.read():
                 received += len(chunk)
-            assert received == size
+            assert received == FLOOD
         finally:
             response.release()
         assert session.pool().idle_count() == 1
@@ -516,15 +519,6 @@ async def test_a_stream_left_with_unread_bytes_lets_them_go_with_it(
 ) -> None:
     # Closed, the connection waits for the cycle collector (its parser calls back into
     # it), so what it still buffers must go when the exchange ends, not with the object.
-    size = 8 * 1024 * 1024
-
-    async def flood(request: Request, writer: asyncio.StreamWriter) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
-        for _ in range(size // 65536):
-            writer.write(b"y" * 65536)
-            await writer.drain()
-        return True
-
     server = await serving(flood)
     try:
         response = await session.request(server.url(), b"", {}, 5.0)
