@@ -22,11 +22,11 @@ from routerd_client.protocol import (
     DaemonMessage,
     Error,
     Hello,
-    StatusReport,
     Welcome,
     daemon_decoder,
     encode_frame,
 )
+from routerd_client.wire import FrameDecoder
 
 from routerd.dispatch.dispatcher import Dispatcher
 from routerd.fronts.budget import BufferBudget
@@ -34,6 +34,8 @@ from routerd.fronts.msgpack.framing import FrameReader, FrameStalled
 from routerd.fronts.msgpack.server import Connection
 from routerd.fronts.msgpack.stream import TransportStream
 from tests.loops import both_loops  # noqa: F401 - the module's anyio_backend
+from tests.test_fuzz_protocol import status_report
+from tests.test_wire import frames_of
 
 MiB = 1 << 20
 READ_TIMEOUT_S = 0.2
@@ -53,16 +55,9 @@ def no_cycle_collector() -> Iterator[None]:
 
 
 def frames_in(data: bytes) -> list[DaemonMessage]:
-    messages = []
-    while data:
-        (size,) = HEADER.unpack_from(data)
-        messages.append(daemon_decoder.decode(data[HEADER.size : HEADER.size + size]))
-        data = data[HEADER.size + size :]
-    return messages
-
-
-def status_report(request_id: int) -> StatusReport:
-    return StatusReport(request_id, "test", 0.0, 1, 0, [], [], [])
+    decoder = FrameDecoder(1 << 20)
+    decoder.feed(data)
+    return [daemon_decoder.decode(body) for body in frames_of(decoder)]
 
 
 async def test_a_connection_that_ends_is_freed_without_the_cycle_collector(
