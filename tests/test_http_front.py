@@ -284,6 +284,58 @@ def test_errors_come_in_each_apis_shape(front: Front) -> None:
         assert http.get("/v2/anything").status_code == 404
 
 
+def test_bodies_past_the_fronts_bounds_are_400s_and_never_reach_the_provider(
+    front: Front,
+) -> None:
+    """Both fronts hold requests to the same bounds (nesting, integers JSON carries): a
+    hostile body is a 400 in the API's shape, not a 500, and is not sent on."""
+    deep = b"[" * 5000 + b"]" * 5000  # past what the JSON decoder itself follows
+    bodies = {
+        "nested past the decoder": b'{"model":"main","metadata":{"a":%b},"messages":%b}',
+        "nested past the bound": b'{"model":"main","metadata":{"a":%b},"messages":%b}',
+        "an integer past 2**53": b'{"model":"main","metadata":{"n":%b},"messages":%b}',
+    }
+    fillers = {
+        "nested past the decoder": deep,
+        "nested past the bound": b"[" * 100 + b"]" * 100,
+        "an integer past 2**53": str(10**30).encode(),
+    }
+    messages = json.dumps(user("x")).encode()
+    endpoints = (
+        "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
+        "/v1/responses",
+    )
+    calls_before = sum(front.calls("main", "m1").values())
+    with front.http() as http:
+        for name, shape in bodies.items():
+            for path in endpoints:
+                body = shape % (fillers[name], messages)
+                if path == "/v1/responses":
+                    body = body.replace(b'"messages"', b'"input"')
+                elif path.startswith("/v1/messages"):
+                    body = body.replace(b'"model"', b'"max_tokens":5,"model"')
+                reply = http.post(path, content=body, headers={"content-type": "application/json"})
+                assert reply.status_code == 400, (name, path, reply.text)
+                assert reply.json()["error"]["type"] == "invalid_request_error", (name, path)
+                assert "metadata" in reply.json()["error"]["message"] or name.endswith("decoder"), (
+                    name,
+                    path,
+                    reply.text,
+                )
+        # A content block whose type is not a string names the block, on both endpoints.
+        block = {"role": "user", "content": [{"type": ["text"], "text": "hi"}]}
+        for path in ("/v1/messages", "/v1/messages/count_tokens"):
+            reply = http.post(path, json={"model": "main", "max_tokens": 5, "messages": [block]})
+            assert reply.status_code == 400, (path, reply.text)
+            assert "messages.0.content.0.type" in reply.json()["error"]["message"], reply.text
+        served = http.post("/v1/chat/completions", json={"model": "main", "messages": user("ok")})
+        assert served.status_code == 200
+    assert sum(front.calls("main", "m1").values()) == calls_before + 1
+    assert "Traceback" not in front.process.log_text()
+
+
 def test_metrics_count_requests_from_both_fronts(front: Front) -> None:
     with Client(str(front.process.socket_path), name="metrics-test") as client:
         assert client.chat("metered", messages=user("msgpack")).text.endswith("msgpack")

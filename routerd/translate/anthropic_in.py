@@ -113,7 +113,7 @@ def _user(content: str | list[dict[str, Any]], where: str) -> list[dict[str, Any
     parts: list[dict[str, Any]] = []
     for index, block in enumerate(content):
         here = f"{where}.content.{index}"
-        kind = block.get("type")
+        kind = _string(block, "type", here)
         if kind == "tool_result":
             text, images = _tool_result(block, here)
             tools.append({"role": "tool", "tool_call_id": _string(block, "tool_use_id", here)})
@@ -191,7 +191,7 @@ def _assistant(content: str | list[dict[str, Any]], where: str) -> dict[str, Any
     calls: list[dict[str, Any]] = []
     for index, block in enumerate(content):
         here = f"{where}.content.{index}"
-        kind = block.get("type")
+        kind = _string(block, "type", here)
         if kind == "tool_use":
             calls.append(
                 {

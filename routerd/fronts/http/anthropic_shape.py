@@ -17,7 +17,7 @@ import structlog
 
 from routerd.core.calls import Delta, Reply
 from routerd.fronts.http.errors import HttpError
-from routerd.fronts.http.wire import ShapeError, encode, sse, trailer, unique_id
+from routerd.fronts.http.wire import ShapeError, decode_body, encode, sse, trailer, unique_id
 from routerd.translate import (
     MessagesRequest,
     TranslationError,
@@ -38,12 +38,11 @@ _TEXT_DELTA = (
 
 def parse_messages(raw: bytes) -> MessagesRequest:
     """Decode and check a Messages body; raises ShapeError with the offending path."""
+    data = decode_body(raw, "the request body is not valid JSON")
     try:
-        request = msgspec.json.decode(raw, type=MessagesRequest)
+        request = msgspec.convert(data, MessagesRequest)
     except msgspec.ValidationError as exc:
         raise ShapeError(str(exc)) from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # the latter for bad UTF-8
-        raise ShapeError(f"the request body is not valid JSON: {exc}") from None
     if not request.messages:
         raise ShapeError("messages: at least one message is required")
     return request

@@ -15,7 +15,7 @@ import msgspec
 
 from routerd.core.calls import Delta, Reply
 from routerd.fronts.http.errors import HttpError
-from routerd.fronts.http.wire import ShapeError, encode, trailer, unique_id
+from routerd.fronts.http.wire import ShapeError, decode_body, encode, trailer, unique_id
 
 # Fields the front consumes; everything else reaches the upstream untouched.
 _FRONT_FIELDS = frozenset({"model", "stream", "stream_options"})
@@ -50,17 +50,13 @@ class ChatRequest(msgspec.Struct, frozen=True):
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
-    """An OpenAI-style request body as a JSON object; raises ShapeError in OpenAI's wording."""
-    try:
-        data = msgspec.json.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
-        raise ShapeError(
-            "We could not parse the JSON body of your request. (HINT: This likely means "
-            "you aren't using your HTTP library correctly.)"
-        ) from None
-    if not isinstance(data, dict):
-        raise ShapeError("the request body must be a JSON object")
-    return data
+    """An OpenAI-style request body as a bounded JSON object; raises ShapeError in OpenAI's
+    wording."""
+    return decode_body(
+        raw,
+        "We could not parse the JSON body of your request. (HINT: This likely means "
+        "you aren't using your HTTP library correctly.)",
+    )
 
 
 def parse_chat(raw: bytes) -> ChatRequest:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import structlog
+
 from routerd.core.affinity import session_in
 from routerd.core.calls import Reply
 from routerd.fronts.http.errors import HttpError, front_error
@@ -23,6 +25,8 @@ from routerd.fronts.http.responses_shape import (
 )
 from routerd.fronts.http.responses_store import ResponseStore
 from routerd.fronts.http.wire import encode
+
+log = structlog.get_logger("routerd.front")
 
 
 class Turn:
@@ -67,7 +71,10 @@ class Turn:
         if self.request.store:
             turn = history(self.request.messages, reply)
             previous = self.request.previous_response_id
-            self._store.put(self.id, previous, turn, response, root=self.root)
+            try:
+                self._store.put(self.id, previous, turn, response, root=self.root)
+            except Exception:  # the reply was paid for: it goes out, unstored
+                log.exception("response_not_stored", id=self.id)
 
 
 def begin(raw: bytes, store: ResponseStore) -> Turn | HttpError:

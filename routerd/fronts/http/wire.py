@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
 from routerd.core.calls import Reply
+from routerd.fronts.bounds import MAX_DEPTH, check_value
 
 Api = Literal["openai", "anthropic"]
 
@@ -20,6 +21,25 @@ SSE: tuple[bytes, bytes] = (b"content-type", b"text/event-stream; charset=utf-8"
 
 class ShapeError(ValueError):
     """The request body does not have the shape of the API it was sent to (a 400)."""
+
+
+def decode_body(raw: bytes, malformed: str) -> dict[str, Any]:
+    """A request body as a JSON object whose values are within bounds (``fronts.bounds``,
+    as the msgpack front checks its requests); raises ShapeError, with ``malformed`` as the
+    message for a body that is not JSON."""
+    try:
+        data = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec raises the latter for bad UTF-8
+        raise ShapeError(malformed) from None
+    except RecursionError:  # nested past what the decoder itself can follow
+        raise ShapeError(f"the request body is nested deeper than {MAX_DEPTH} levels") from None
+    if not isinstance(data, dict):
+        raise ShapeError("the request body must be a JSON object")
+    for key, value in data.items():
+        problem = check_value(value)
+        if problem is not None:
+            raise ShapeError(f"{key}: {problem}")
+    return data
 
 
 # Reply ids: a random prefix per process and a counter, unique without a uuid4 per reply.

@@ -1,10 +1,6 @@
-"""What the msgpack edge checks before it trusts a Chat: JSON-shaped, bounded requests.
-
-A request travels on to a provider as JSON, so it must be JSON-shaped: maps with string
-keys, lists, strings, booleans, null, finite floats, and integers that JSON parsers built on
-doubles read exactly. Its nesting is bounded too, so nothing downstream (token estimates,
-translation, the JSON encoder) recurses without limit. The checks walk the value with an
-explicit stack: a hostile request cannot make the checker itself recurse.
+"""What the msgpack edge checks before it trusts a Chat: JSON-shaped, bounded requests
+(``routerd.fronts.bounds``, as the HTTP front checks its bodies), a finite deadline and a
+priority in range.
 
 ``peek_id`` finds the id of a frame too deeply nested for msgspec to decode, again without
 recursion, so that request alone gets the error and its connection stays.
@@ -13,17 +9,12 @@ recursion, so that request alone gets the error and its connection stays.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from routerd_client.protocol import Chat
 
-#: Containers inside a request, the request itself being level 1. Real requests (messages,
-#: content parts, tool schemas) stay far below this.
-MAX_DEPTH = 64
-#: JSON parsers that read numbers as doubles (JavaScript's among them) are exact up to 2**53.
-MAX_INT = 2**53
+from routerd.fronts.bounds import MAX_DEPTH, MAX_INT, check_value
 
-_SCALARS = (str, bool, type(None))
+__all__ = ["MAX_DEPTH", "check_chat", "check_messages", "peek_id"]
 
 
 def check_chat(chat: Chat) -> str | None:
@@ -33,7 +24,7 @@ def check_chat(chat: Chat) -> str | None:
     if not -MAX_INT <= chat.priority <= MAX_INT:
         return f"priority {chat.priority} is out of range (at most ±2**53)"
     for key, value in chat.request.items():
-        problem = _check_value(value)
+        problem = check_value(value)
         if problem is not None:
             return f"request.{key}: {problem}"
     return None
@@ -44,36 +35,6 @@ def check_messages(chat: Chat) -> str | None:
     messages = chat.request.get("messages")
     if not isinstance(messages, list) or not messages:
         return "request.messages must be a non-empty list"
-    return None
-
-
-def _check_value(value: Any) -> str | None:
-    # Level 2: the request map is level 1 and this is one of its values.
-    stack: list[tuple[Any, int]] = [(value, 2)]
-    while stack:
-        item, depth = stack.pop()
-        kind = type(item)
-        if kind in _SCALARS:
-            continue
-        if kind is int:
-            if not -MAX_INT <= item <= MAX_INT:
-                return f"the integer {item} is out of range (at most ±2**53, what JSON carries)"
-        elif kind is float:
-            if not math.isfinite(item):
-                return f"{item} is not a number JSON can carry"
-        elif kind is list or kind is dict:
-            if depth > MAX_DEPTH:
-                return f"nested deeper than {MAX_DEPTH} levels"
-            if kind is dict:
-                for key in item:
-                    if type(key) is not str:
-                        return f"map keys must be strings, got {type(key).__name__}"
-                children = item.values()
-            else:
-                children = item
-            stack.extend((child, depth + 1) for child in children)
-        else:
-            return f"{kind.__name__} values cannot be sent to a provider as JSON"
     return None
 
 
