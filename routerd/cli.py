@@ -81,6 +81,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return code
 
 
+STATUS_TIMEOUT_S = 10.0
+
+
+def _interval(text: str) -> float:
+    """--interval: a finite number of seconds, at least 0.1."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not 0.1 <= seconds < 86400:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between 0.1 and 86400 seconds, got {text}")
+    return seconds
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Print pool health from the running daemon."""
     from routerd_client import Client, RouterdError
@@ -89,7 +103,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     path = _socket_from(args)
     try:
-        with Client(path, name="routerd-status") as client:
+        # A daemon that stops answering ends the watch with an error, not a frozen table.
+        timeout = max(STATUS_TIMEOUT_S, args.interval)
+        with Client(path, name="routerd-status", timeout=timeout) as client:
             while True:
                 report = client.status()
                 if args.json:
@@ -170,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="pool health: per credential and per target")
     status.add_argument("--json", action="store_true", help="print the report as JSON")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
-    status.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    status.add_argument(
+        "--interval", type=_interval, default=2.0, help="seconds between refreshes (>= 0.1)"
+    )
     status.add_argument("--socket", type=Path, help="the daemon's socket")
     status.add_argument("--config", type=Path, help="read the socket path from this config")
     status.set_defaults(func=cmd_status)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -86,6 +88,7 @@ class FakeDaemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._gate: asyncio.Event | None = None
+        self._reading: asyncio.Event | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
 
@@ -114,6 +117,22 @@ class FakeDaemon:
         assert self._loop is not None and self._gate is not None
         self._loop.call_soon_threadsafe(self._gate.set)
 
+    def pause_reading(self, paused: bool = True) -> None:
+        """Stop (or go back to) reading requests after the handshake, as a stopped daemon
+        would: a large frame then fills the socket and the client's send blocks."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(self._pause, paused)
+
+    def _pause(self, paused: bool) -> None:
+        assert self._reading is not None
+        if paused:
+            self._reading.clear()  # connections to come stop after their handshake
+        else:
+            self._reading.set()
+        for writer in self._writers:  # and those open now at once
+            transport = writer.transport
+            transport.pause_reading() if paused else transport.resume_reading()  # type: ignore[attr-defined]
+
     def drop_connections(self) -> None:
         """Hang up on every client, as a crashing daemon would."""
         assert self._loop is not None
@@ -136,6 +155,8 @@ class FakeDaemon:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self._gate = asyncio.Event()
+        self._reading = asyncio.Event()
+        self._reading.set()
         server = await asyncio.start_unix_server(self._serve, self.path)
         self._ready.set()
         async with server:
@@ -153,6 +174,8 @@ class FakeDaemon:
             if not isinstance(self.hello_reply, Welcome):
                 return
             while True:
+                assert self._reading is not None
+                await self._reading.wait()
                 message = await _read_message(reader)
                 self._record(self.received, message)
                 if isinstance(message, Chat):
@@ -421,6 +444,48 @@ def test_connection_drop_fails_every_pending_request_then_reconnects(
     assert no_reader_threads()
 
 
+# A frame that fills the socket of a daemon that reads nothing, so its send blocks.
+BIG = "x" * (4 << 20)
+
+
+class _Interrupted(Exception):
+    """What the test's alarm raises in the middle of a blocked send (as Ctrl-C would)."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise _Interrupted
+
+
+def test_a_send_cut_short_ends_its_connection_and_the_next_request_opens_another(
+    daemon: FakeDaemon,
+) -> None:
+    previous = signal.signal(signal.SIGALRM, _interrupt)
+    try:
+        with Client(daemon.path, timeout=5) as c:
+            assert c.chat("default", say("first")).text == "first"
+            daemon.pause_reading()
+            signal.setitimer(signal.ITIMER_REAL, 0.3)
+            with pytest.raises(_Interrupted):
+                c.chat("default", say(BIG))
+            daemon.pause_reading(False)
+            # Not into the middle of the frame cut short: on a connection of its own.
+            assert c.chat("default", say("after")).text == "after"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert len(daemon.hellos) == 2
+
+
+def test_a_client_dropped_without_close_lets_its_connection_go(daemon: FakeDaemon) -> None:
+    for n in range(3):
+        assert Client(daemon.path).chat("default", say(f"turn {n}")).text == f"turn {n}"
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while not no_reader_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert no_reader_threads()
+
+
 def test_connection_level_error_fails_every_pending_request(daemon: FakeDaemon) -> None:
     with Client(daemon.path) as c, ThreadPoolExecutor(1) as pool:
         pending = pool.submit(c.chat, "default", say("x"), delay=5)
@@ -591,6 +656,39 @@ async def test_async_connection_drop_fails_every_pending_request(daemon: FakeDae
         assert (await c.chat("default", say("back"))).text == "back"
     assert len(daemon.hellos) == 2
     assert no_reader_tasks()
+
+
+async def test_async_cancelling_a_request_mid_send_cancels_it_at_the_daemon(
+    daemon: FakeDaemon,
+) -> None:
+    async with AsyncClient(daemon.path) as c:
+        assert (await c.chat("default", say("first"))).text == "first"
+        daemon.pause_reading()
+        task = asyncio.create_task(c.chat("default", say(BIG), delay=5))
+        await asyncio.sleep(0.3)  # the frame is written, the send waits for room
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        daemon.pause_reading(False)
+        # The frame reaches the daemon whole, and its Cancel right behind it.
+        await async_wait_for(daemon, lambda: len(daemon.received) == 3)
+        chats, cancels = daemon.of_type(Chat), daemon.of_type(Cancel)
+        assert [cancel.id for cancel in cancels] == [chats[1].id]
+        assert (await c.chat("default", say("next"))).text == "next"
+
+
+async def test_async_a_failed_send_lets_the_next_request_open_a_new_connection(
+    daemon: FakeDaemon,
+) -> None:
+    async with AsyncClient(daemon.path) as c:
+        assert (await c.chat("default", say("first"))).text == "first"
+        daemon.drop_connections()
+        # This loop busy while the daemon hangs up: the client's reader cannot see it go.
+        time.sleep(0.3)  # noqa: ASYNC251 (blocking the loop is the point)
+        with pytest.raises(Unavailable):
+            await c.chat("default", say("lost"))
+        assert (await c.chat("default", say("back"))).text == "back"
+    assert len(daemon.hellos) == 2
 
 
 async def test_async_oversized_frame_is_refused(daemon: FakeDaemon) -> None:

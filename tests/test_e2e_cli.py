@@ -10,16 +10,19 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import pytest
 from routerd_client import AsyncClient, Client, RouterdError, TargetDown
 
-from routerd import __version__
+from routerd import __version__, cli
 from routerd.mock import KeySpec, MockProcess, MockSpec, ModelSpec
 from tests.conftest import DaemonFactory, canary
+from tests.test_client import FakeDaemon
 
 MockFactory = Callable[[MockSpec], MockProcess]
 
@@ -391,3 +394,30 @@ chain = ["p/m"]
         os.close(write_end)
     assert result.returncode == 0
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+
+
+def test_status_interval_must_be_a_sensible_number_of_seconds(short_dir: Path) -> None:
+    for interval in ("-1", "nan", "inf", "0", "soon"):
+        result = routerd("status", "--watch", "--interval", interval, "--socket", str(short_dir))
+        assert result.returncode == 2, (interval, result.stderr)
+        assert "--interval" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_status_watch_ends_with_an_error_when_the_daemon_stops_answering(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli, "STATUS_TIMEOUT_S", 0.5)
+    path = str(short_dir / "stopped.sock")
+    codes: list[int] = []
+    with FakeDaemon(path) as daemon:
+        daemon.pause_reading()  # it takes the handshake, then reads nothing more
+        watch = threading.Thread(
+            target=lambda: codes.append(cli.main(["status", "--watch", "--socket", path]))
+        )
+        watch.start()
+        watch.join(10)
+        alive = watch.is_alive()
+        daemon.pause_reading(False)
+        watch.join(5)
+    assert not alive and codes == [1]
+    assert "routerd status:" in capsys.readouterr().err

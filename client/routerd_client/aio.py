@@ -151,23 +151,23 @@ class _AsyncConnection:
         return replies
 
     async def send(self, rid: int, frame: bytes) -> None:
-        """Send one registered request's frame; on failure the request is forgotten.
-
-        write() takes the whole frame synchronously, so frames never interleave and no lock
-        is needed; drain() only waits for the buffer to empty, and any number of tasks may
-        wait in it at once.
-        """
+        """Send one registered request's frame; on failure it is forgotten (and cancelled
+        once written). write() takes the whole frame: frames never interleave."""
+        written = False
         try:
             check_request_size(frame, self.welcome)
-            if self.dead:
+            if self.dead or self._writer.is_closing():
                 raise lost_or_closed(self._closing, self.path)
             self._writer.write(frame)
+            written = True
             await self._writer.drain()
         except OSError as exc:
+            self.dead = True  # the next request opens another, before the reader task runs
             self._pending.pop(rid, None)
             raise lost_or_closed(self._closing, self.path) from exc
         except BaseException:
-            self._pending.pop(rid, None)
+            # Once written, the frame is on its way: the daemon must drop it too.
+            self.cancel(rid) if written else self._pending.pop(rid, None)
             raise
 
     @staticmethod

@@ -144,11 +144,16 @@ class _Connection:
         try:
             with self._send_lock:
                 self._sock.sendall(frame)
-        except OSError as exc:
+        except BaseException as exc:
+            # Part of the frame may be out (a broken pipe, a KeyboardInterrupt): nothing can
+            # follow it on this socket, so the connection ends and the next request opens
+            # another.
             self._pending.pop(rid, None)
-            raise lost_or_closed(self._closing, self.path) from exc
-        except BaseException:
-            self._pending.pop(rid, None)
+            self.dead = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if isinstance(exc, OSError):
+                raise lost_or_closed(self._closing, self.path) from exc
             raise
         if self._cancels:
             self._flush_cancels()
@@ -407,6 +412,11 @@ class Client:
             conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
+
+    def __del__(self) -> None:
+        # Dropped without close(): the reader thread would hold the socket open for good.
+        with contextlib.suppress(Exception):
+            self.close()
 
     def __enter__(self) -> Self:
         self.connect()
