@@ -49,6 +49,7 @@ from routerd_client.protocol import (
 
 from routerd.core.calls import Delta, Reply
 from routerd.dispatch.dispatcher import Dispatcher
+from routerd.fronts.bounds import check_request, check_value
 from routerd.fronts.budget import BufferBudget
 from routerd.fronts.msgpack.framing import UNRESERVED_FRAME
 from routerd.fronts.msgpack.guard import MAX_DEPTH, check_chat, peek_id
@@ -443,6 +444,18 @@ def test_what_passes_the_edge_is_json_a_provider_can_read(
     if problem is None:
         # It reaches the provider as JSON, unchanged.
         assert json.loads(json.dumps(request, allow_nan=False)) == request
+
+
+@given(request=requests, depth=st.integers(0, 80), at=st.text(max_size=3))
+@fuzz_settings(300)
+def test_the_one_pass_check_agrees_with_the_check_of_each_value(
+    request: dict[str, Any], depth: int, at: str
+) -> None:
+    request = {**request, at: wrap(request.get("messages"), depth)}
+    each = next(
+        (f"{key}: {p}" for key, v in request.items() if (p := check_value(v)) is not None), None
+    )
+    assert check_request(request) == each
 
 
 # ---- end to end ---------------------------------------------------------------------------

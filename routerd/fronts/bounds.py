@@ -19,6 +19,52 @@ MAX_DEPTH = 64
 MAX_INT = 2**53
 
 _SCALARS = (str, bool, type(None))
+_NONE = type(None)
+
+
+def check_request(request: dict[Any, Any]) -> str | None:
+    """Why this request map cannot be sent on, naming the top-level key at fault; None when
+    it can. One pass, level by level, over every container (the common case); the key is
+    looked for only when something is wrong."""
+    level: list[Any] = [request]
+    depth = 1
+    while level:
+        deeper: list[Any] = []
+        for container in level:
+            if type(container) is dict:
+                for key in container:
+                    if type(key) is not str:
+                        return _fault(request)
+                items = container.values()
+            else:
+                items = container
+            for item in items:
+                kind = type(item)
+                if kind is str or kind is bool or kind is _NONE:
+                    continue
+                if kind is dict or kind is list:
+                    deeper.append(item)
+                elif kind is int:
+                    if not -MAX_INT <= item <= MAX_INT:
+                        return _fault(request)
+                elif kind is not float or not math.isfinite(item):
+                    return _fault(request)
+        depth += 1
+        if deeper and depth > MAX_DEPTH:
+            return _fault(request)
+        level = deeper
+    return None
+
+
+def _fault(request: dict[Any, Any]) -> str:
+    for key in request:
+        if type(key) is not str:
+            return f"map keys must be strings, got {type(key).__name__}"
+    for key, value in request.items():
+        problem = check_value(value)
+        if problem is not None:
+            return f"{key}: {problem}"
+    return "a value cannot be sent to a provider as JSON"
 
 
 def check_value(value: Any) -> str | None:

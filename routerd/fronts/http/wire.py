@@ -9,7 +9,7 @@ from typing import Any, Literal
 import msgspec
 
 from routerd.core.calls import Reply
-from routerd.fronts.bounds import MAX_DEPTH, check_value
+from routerd.fronts.bounds import MAX_DEPTH, check_request
 
 Api = Literal["openai", "anthropic"]
 
@@ -35,10 +35,9 @@ def decode_body(raw: bytes, malformed: str) -> dict[str, Any]:
         raise ShapeError(f"the request body is nested deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise ShapeError("the request body must be a JSON object")
-    for key, value in data.items():
-        problem = check_value(value)
-        if problem is not None:
-            raise ShapeError(f"{key}: {problem}")
+    problem = check_request(data)
+    if problem is not None:
+        raise ShapeError(problem)
     return data
 
 

@@ -12,7 +12,7 @@ import math
 
 from routerd_client.protocol import Chat
 
-from routerd.fronts.bounds import MAX_DEPTH, MAX_INT, check_value
+from routerd.fronts.bounds import MAX_DEPTH, MAX_INT, check_request
 
 __all__ = ["MAX_DEPTH", "check_chat", "check_messages", "peek_id"]
 
@@ -23,11 +23,8 @@ def check_chat(chat: Chat) -> str | None:
         return f"deadline must be a finite number of seconds, got {chat.deadline}"
     if not -MAX_INT <= chat.priority <= MAX_INT:
         return f"priority {chat.priority} is out of range (at most ±2**53)"
-    for key, value in chat.request.items():
-        problem = check_value(value)
-        if problem is not None:
-            return f"request.{key}: {problem}"
-    return None
+    problem = check_request(chat.request)
+    return None if problem is None else f"request.{problem}"
 
 
 def check_messages(chat: Chat) -> str | None:
